@@ -1,0 +1,67 @@
+# Two entry points on a fresh Debian 12 machine, as root:
+#   make lab    run the whole appliance on embedded defaults
+#   make test   lint, type-check and run every test tier that fits in CI
+# Both install what they need (Debian packages, .venv, pip) and are quick no-ops once it is there.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+SITE ?= examples/lab.yaml
+
+# Build tools for llama-cpp-python (compiled from source), venv support, TLS roots.
+APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates
+# pytest's markers for the tiers `make test` runs (later tiers join as they land).
+TEST_TIERS ?= unit or integration
+PYTEST_ARGS ?=
+
+.PHONY: help lab lab-status lab-down test lint typecheck pytest venv clean
+
+help:
+	@echo "make lab        start the appliance on embedded defaults ($(SITE))"
+	@echo "make lab-status health of every embedded service"
+	@echo "make lab-down   stop everything the lab started"
+	@echo "make test       ruff + mypy + pytest ($(TEST_TIERS))"
+
+$(STAMPS)/apt: Makefile scripts/ensure-apt.sh
+	@mkdir -p $(STAMPS)
+	scripts/ensure-apt.sh $(APT_PACKAGES)
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
+	@mkdir -p $(STAMPS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@echo "installing the project into $(VENV) (llama-cpp-python compiles once: several minutes on 2 cores)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[lab,dev]'
+	@touch $@
+
+venv: $(STAMPS)/venv
+
+lab: $(STAMPS)/venv
+	$(BIN)/appliance lab up --site $(SITE)
+
+lab-status: $(STAMPS)/venv
+	$(BIN)/appliance lab status --site $(SITE)
+
+lab-down: $(STAMPS)/venv
+	$(BIN)/appliance lab down --site $(SITE)
+
+lint: $(STAMPS)/venv
+	$(BIN)/ruff check appliance runtime edge_image tests bench
+	$(BIN)/ruff format --check appliance runtime edge_image tests bench
+
+typecheck: $(STAMPS)/venv
+	$(BIN)/mypy appliance runtime edge_image
+
+pytest: $(STAMPS)/venv
+	$(BIN)/pytest -m "$(TEST_TIERS)" $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(STAMPS) .pytest_cache .mypy_cache .ruff_cache

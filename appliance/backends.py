@@ -1,0 +1,206 @@
+"""One factory per backend: the embedded client or the external one, decided by the site file.
+
+Callers never branch on embedded vs external themselves; the same code path runs in the lab and in
+production, only endpoints and credentials differ. Credentials of external services always come from
+Vault/OpenBao (the site file only names the KV path), never from the site file or the environment,
+except the one credential that unlocks Vault itself (a token or an AppRole secret id in an env var).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import hvac
+import hvac.exceptions
+import requests
+
+from appliance.errors import MissingEnvironment, ServiceError
+from appliance.lab.state import LabState
+from appliance.site import EmbeddedS3, ExternalVault, Site
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client as ClickHouseClient
+    from pymilvus import MilvusClient
+
+EMBEDDED_KV_MOUNT = "secret"
+
+
+def s3_credentials_path(target: str) -> str:
+    """KV path where the lab keeps the credentials of its embedded S3 target."""
+    return f"membria/s3-{target}"
+
+
+@dataclass(frozen=True)
+class LlmEndpoint:
+    base_url: str
+    model: str
+    api_key: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class S3Target:
+    client: Any
+    bucket: str
+    endpoint: str
+
+
+class Backends:
+    """Clients for a site's services. `state` is the lab state directory, needed for embedded ones."""
+
+    def __init__(self, site: Site, state: LabState | None = None) -> None:
+        self.site = site
+        self.state = state
+        self._vault: hvac.Client | None = None
+
+    # -- Vault / OpenBao -----------------------------------------------------------------------------
+
+    def _lab_state(self, what: str) -> LabState:
+        if self.state is None:
+            raise MissingEnvironment(f"{what} is embedded but no lab state directory was given")
+        return self.state
+
+    @property
+    def kv_mount(self) -> str:
+        vault = self.site.services.vault
+        return vault.kv_mount if isinstance(vault, ExternalVault) else EMBEDDED_KV_MOUNT
+
+    def vault(self) -> hvac.Client:
+        if self._vault is None:
+            self._vault = self._open_vault()
+        return self._vault
+
+    def _open_vault(self) -> hvac.Client:
+        vault = self.site.services.vault
+        if not isinstance(vault, ExternalVault):
+            from appliance.lab.services import OpenBao
+
+            bao = OpenBao(self.site, self._lab_state("vault"))
+            if not bao.token_file.exists():
+                raise MissingEnvironment("the embedded OpenBao has no root token yet", hint="run `appliance lab up`")
+            return hvac.Client(url=bao.endpoint, token=bao.root_token(), verify=str(bao.ca_file), timeout=10)
+        verify: str | bool = str(vault.ca_file) if vault.ca_file else True
+        client = hvac.Client(url=str(vault.url).rstrip("/"), verify=verify, timeout=10)
+        auth = vault.auth
+        try:
+            if auth.method == "token":
+                client.token = _required_env(auth.token_env, "Vault token")
+            else:
+                secret_id = _required_env(auth.secret_id_env, "AppRole secret id")
+                client.auth.approle.login(role_id=auth.role_id, secret_id=secret_id, mount_point=auth.mount)
+            if not client.is_authenticated():
+                raise ServiceError(f"Vault at {vault.url} refused the credentials")
+        except hvac.exceptions.VaultError as exc:
+            raise ServiceError(f"Vault at {vault.url} refused the login: {_first_line(exc)}") from exc
+        except requests.exceptions.RequestException as exc:
+            raise ServiceError(f"Vault at {vault.url} is unreachable: {_first_line(exc)}") from exc
+        return client
+
+    def read_secret(self, path: str) -> dict[str, Any]:
+        try:
+            response = self.vault().secrets.kv.v2.read_secret_version(
+                path=path, mount_point=self.kv_mount, raise_on_deleted_version=True
+            )
+        except hvac.exceptions.InvalidPath as exc:
+            raise ServiceError(f"no secret at {self.kv_mount}/{path} in Vault") from exc
+        except hvac.exceptions.VaultError as exc:
+            raise ServiceError(f"Vault refused to read {self.kv_mount}/{path}: {_first_line(exc)}") from exc
+        data: dict[str, Any] = response["data"]["data"]
+        return data
+
+    def write_secret(self, path: str, data: dict[str, Any]) -> None:
+        self.vault().secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point=self.kv_mount)
+
+    # -- S3 --------------------------------------------------------------------------------------------
+
+    def s3(self, target: str = "primary") -> S3Target:
+        import boto3
+        from botocore.config import Config
+
+        targets = self.site.services.s3
+        spec = targets.primary if target == "primary" else targets.replica
+        if spec is None:
+            raise ServiceError(f"the site has no S3 {target} target")
+        if isinstance(spec, EmbeddedS3):
+            from appliance.lab.services import S3Server
+
+            endpoint = S3Server(self.site, self._lab_state("s3")).endpoint
+            creds = self.read_secret(s3_credentials_path(target))
+            region = "us-east-1"
+        else:
+            endpoint = str(spec.url).rstrip("/")
+            creds = self.read_secret(spec.credentials_vault_path)
+            region = spec.region
+        missing = {"access_key", "secret_key"} - creds.keys()
+        if missing:
+            raise ServiceError(f"the S3 {target} credentials in Vault lack {', '.join(sorted(missing))}")
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            aws_access_key_id=creds["access_key"],
+            aws_secret_access_key=creds["secret_key"],
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+        )
+        return S3Target(client=client, bucket=spec.bucket, endpoint=endpoint)
+
+    # -- vectors (Milvus / Milvus Lite) ------------------------------------------------------------------
+
+    def milvus_lite_path(self) -> Path:
+        return self._lab_state("vectors").data_dir / "milvus.db"
+
+    def vectors(self) -> MilvusClient:
+        from pymilvus import MilvusClient
+
+        spec = self.site.services.vectors
+        if spec.backend == "embedded":
+            return MilvusClient(str(self.milvus_lite_path()))
+        token = self.read_secret(spec.token_vault_path).get("token", "")
+        return MilvusClient(uri=str(spec.url), token=token, db_name=spec.database)
+
+    # -- audit database (ClickHouse / chDB) --------------------------------------------------------------
+
+    def chdb_path(self) -> Path:
+        return self._lab_state("audit_db").data_dir / "chdb"
+
+    def audit_db(self) -> ClickHouseClient:
+        import clickhouse_connect
+
+        spec = self.site.services.audit_db
+        if spec.backend == "embedded":
+            return clickhouse_connect.get_client(dsn=f"chdb://{self.chdb_path()}")
+        password = self.read_secret(spec.password_vault_path).get("password", "")
+        dsn = spec.dsn
+        return clickhouse_connect.get_client(
+            host=dsn.host,
+            port=dsn.port,
+            username=dsn.username or "default",
+            password=password,
+            database=(dsn.path or "/").strip("/") or "default",
+            secure=dsn.scheme in ("clickhouses", "https"),
+        )
+
+    # -- LLM ----------------------------------------------------------------------------------------------
+
+    def llm(self) -> LlmEndpoint:
+        spec = self.site.services.llm
+        if spec.backend == "embedded":
+            from appliance.lab.services import LlamaServer
+
+            return LlmEndpoint(LlamaServer(self.site, self._lab_state("llm")).endpoint, spec.model)
+        api_key = self.read_secret(spec.api_key_vault_path).get("api_key", "") if spec.api_key_vault_path else ""
+        return LlmEndpoint(str(spec.url).rstrip("/"), spec.model, api_key)
+
+
+def _required_env(name: str, what: str) -> str:
+    value = os.environ.get(name, "")
+    if not value:
+        raise MissingEnvironment(f"the {what} is expected in the environment variable {name}, which is not set")
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

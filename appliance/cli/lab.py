@@ -1,0 +1,76 @@
+"""`appliance lab up | status | down`: the whole appliance on this machine, on embedded defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from appliance.cli.common import SiteOption, StateDirOption, lab_state, load
+from appliance.cli.output import console, print_ok
+from appliance.errors import CheckFailed
+from appliance.lab import lifecycle
+from appliance.lab.services import Health
+
+app = typer.Typer(
+    help=(
+        "Run the appliance on this machine with embedded services: OpenBao (secrets, PKI), an S3 endpoint "
+        "(moto), llama.cpp serving Gemma 3 270M, Milvus Lite and chDB.\n\n"
+        "`up` is idempotent: run it again and it only repairs what is missing. `down` leaves no process behind."
+    ),
+    no_args_is_help=True,
+)
+
+
+def _health_table(rows: list[Health], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("service")
+    table.add_column("health")
+    table.add_column("endpoint")
+    table.add_column("detail")
+    for h in rows:
+        table.add_row(h.name, "[green]ok[/]" if h.ok else "[red]FAIL[/]", h.endpoint, h.detail)
+    return table
+
+
+@app.command()
+def up(site_file: Path = SiteOption, state_dir: Path | None = StateDirOption) -> None:
+    """Start the embedded services, bootstrap PKI, secrets and S3 buckets, and print the endpoints."""
+    site = load(site_file)
+    state = lab_state(site, state_dir)
+    with console.status("starting the lab", spinner="dots") as spinner:
+        report = lifecycle.up(site, state, progress=lambda msg: spinner.update(msg))
+    for name in report.started:
+        print_ok(f"started {name}")
+    for step in report.bootstrap:
+        print_ok(step)
+    if not report.changed:
+        print_ok("already up; nothing changed")
+    console.print(_health_table(report.health, f"Lab '{site.site.name}' — state in {state.root}"))
+
+
+@app.command()
+def status(site_file: Path = SiteOption, state_dir: Path | None = StateDirOption) -> None:
+    """Check every embedded service with a real request. Exit 1 if any is down or unhealthy."""
+    site = load(site_file)
+    state = lab_state(site, state_dir)
+    rows = lifecycle.status(site, state)
+    console.print(_health_table(rows, f"Lab '{site.site.name}'"))
+    failing = [h.name for h in rows if not h.ok]
+    if failing:
+        raise CheckFailed(f"not healthy: {', '.join(failing)}", hint="`appliance lab up` starts what is missing")
+
+
+@app.command()
+def down(site_file: Path = SiteOption, state_dir: Path | None = StateDirOption) -> None:
+    """Stop every lab process (and any stray of an interrupted `up`). Data files stay in the state directory."""
+    site = load(site_file)
+    state = lab_state(site, state_dir)
+    report = lifecycle.down(site, state)
+    for name in report.stopped:
+        print_ok(f"stopped {name}")
+    if report.strays_killed:
+        print_ok(f"stopped {report.strays_killed} stray process(es) of an interrupted run")
+    if not report.stopped and not report.strays_killed:
+        print_ok("nothing was running")

@@ -1,0 +1,1 @@
+"""Embedded services for the lab and the tests (see DESIGN.md, "Embedded defaults")."""

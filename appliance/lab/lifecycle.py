@@ -1,0 +1,189 @@
+"""`lab up | status | down`: start, check and stop the embedded appliance on this machine.
+
+`up` is idempotent: services that are running and healthy are left alone, bootstrap steps only create
+what is missing. If `up` fails half-way, whatever this call started is stopped again, so a failed `up`
+never leaves a half lab behind. `down` stops recorded processes and then any stray that carries the
+lab's environment marker (a CLI killed between spawn and pid file).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import botocore.exceptions
+
+from appliance import backends as backends_mod
+from appliance.backends import Backends
+from appliance.errors import MissingEnvironment, ServiceError
+from appliance.lab import process
+from appliance.lab.services import EmbeddedService, Health, OpenBao, process_services
+from appliance.lab.state import LabState
+from appliance.pki import Pki
+from appliance.site import EmbeddedS3, Site
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class UpReport:
+    started: list[str] = field(default_factory=list)
+    already_running: list[str] = field(default_factory=list)
+    bootstrap: list[str] = field(default_factory=list)
+    health: list[Health] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.started or self.bootstrap)
+
+
+def _start(service: EmbeddedService, progress: Progress) -> None:
+    if service.port_taken():
+        raise MissingEnvironment(
+            f"port {service.port} for {service.name} is taken by another program",
+            hint=f"free it or change lab.ports.{service.name} in the site file",
+        )
+    progress(f"preparing {service.name}")
+    service.prepare()
+    progress(f"starting {service.name} on {service.host}:{service.port}")
+    record = process.spawn(service.state, service.name, service.argv(), env=service.env())
+    last: list[Health] = []
+
+    def healthy() -> bool:
+        if not record.alive():
+            return True  # stop waiting: it died
+        last[:] = [service.check()]
+        return last[0].ok
+
+    process.wait_until(healthy, timeout=service.start_timeout, interval=0.5)
+    if not record.alive():
+        raise ServiceError(f"{service.name} exited during start-up", hint=f"see its log: {record.log}")
+    if not last or not last[0].ok:
+        detail = last[0].detail if last else "no answer"
+        raise ServiceError(
+            f"{service.name} did not become healthy within {service.start_timeout:.0f}s: {detail}",
+            hint=f"see its log: {record.log}",
+        )
+
+
+def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
+    report = UpReport()
+    started_now: list[EmbeddedService] = []
+    try:
+        for service in process_services(site, state):
+            if process.running(state, service.name) is not None:
+                health = service.check()
+                if health.ok:
+                    report.already_running.append(service.name)
+                    continue
+                progress(f"{service.name} is running but unhealthy ({health.detail}); restarting it")
+                process.stop(state, service.name)
+            started_now.append(service)
+            _start(service, progress)
+            report.started.append(service.name)
+        progress("bootstrapping PKI, secrets and buckets")
+        report.bootstrap = bootstrap(site, state)
+        report.health = status(site, state)
+    except BaseException:
+        # All or nothing: do not leave what this call started running behind a failed `up`.
+        for service in reversed(started_now):
+            process.stop(state, service.name)
+        raise
+    failing = [h for h in report.health if not h.ok]
+    if failing:
+        raise ServiceError("lab is up but unhealthy: " + "; ".join(f"{h.name}: {h.detail}" for h in failing))
+    return report
+
+
+def bootstrap(site: Site, state: LabState) -> list[str]:
+    """PKI, the lab's S3 credentials in Vault, and DR buckets with versioning and object lock."""
+    backends = Backends(site, state)
+    done: list[str] = []
+    done += Pki.for_site(site, backends.vault()).bootstrap()
+    targets = [("primary", site.services.s3.primary), ("replica", site.services.s3.replica)]
+    for name, spec in targets:
+        if not isinstance(spec, EmbeddedS3):
+            continue
+        path = backends_mod.s3_credentials_path(name)
+        try:
+            backends.read_secret(path)
+        except ServiceError:
+            backends.write_secret(
+                path, {"access_key": f"membria-lab-{name}", "secret_key": secrets.token_urlsafe(30)}
+            )
+            done.append(f"S3 {name} credentials stored in Vault at {path}")
+        if ensure_locked_bucket(backends.s3(name)):
+            done.append(f"bucket {spec.bucket} (versioning, object lock)")
+    return done
+
+
+def ensure_locked_bucket(target: backends_mod.S3Target) -> bool:
+    """Create the bucket with object lock (which implies versioning) unless it exists. True if created."""
+    client = target.client
+    try:
+        client.head_bucket(Bucket=target.bucket)
+        exists = True
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            raise ServiceError(f"S3 bucket {target.bucket} at {target.endpoint}: {exc}") from exc
+        exists = False
+    if not exists:
+        client.create_bucket(Bucket=target.bucket, ObjectLockEnabledForBucket=True)
+    client.put_bucket_versioning(Bucket=target.bucket, VersioningConfiguration={"Status": "Enabled"})
+    return not exists
+
+
+def _in_process_health(site: Site, state: LabState) -> list[Health]:
+    """Milvus Lite and chDB live inside their users' processes; check them with a real query."""
+    backends = Backends(site, state)
+    out: list[Health] = []
+    if site.services.vectors.backend == "embedded":
+        try:
+            client = backends.vectors()
+            try:
+                names = client.list_collections()
+            finally:
+                client.close()
+            out.append(Health("vectors", True, f"Milvus Lite, {len(names)} collection(s)", str(backends.milvus_lite_path())))
+        except Exception as exc:  # noqa: BLE001 - any failure of the embedded store is a failed check
+            out.append(Health("vectors", False, f"Milvus Lite: {exc}", str(backends.milvus_lite_path())))
+    if site.services.audit_db.backend == "embedded":
+        try:
+            version = backends.audit_db().query("SELECT version()").result_rows[0][0]
+            out.append(Health("audit_db", True, f"chDB (ClickHouse {version})", f"chdb://{backends.chdb_path()}"))
+        except Exception as exc:  # noqa: BLE001
+            out.append(Health("audit_db", False, f"chDB: {exc}", f"chdb://{backends.chdb_path()}"))
+    return out
+
+
+def status(site: Site, state: LabState) -> list[Health]:
+    out: list[Health] = []
+    for service in process_services(site, state):
+        if process.running(state, service.name) is None:
+            out.append(Health(service.name, False, "not running", service.endpoint))
+        else:
+            out.append(service.check())
+    return out + _in_process_health(site, state)
+
+
+@dataclass
+class DownReport:
+    stopped: list[str] = field(default_factory=list)
+    strays_killed: int = 0
+
+
+def down(site: Site, state: LabState) -> DownReport:
+    report = DownReport()
+    for service in reversed(process_services(site, state)):
+        if process.stop(state, service.name):
+            report.stopped.append(service.name)
+    report.strays_killed = process.kill_strays(state)
+    # The dev OpenBao keeps everything in memory: its token and TLS files mean nothing after a stop.
+    bao = OpenBao(site, state)
+    bao.token_file.unlink(missing_ok=True)
+    return report

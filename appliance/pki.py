@@ -1,0 +1,245 @@
+"""The site PKI on Vault/OpenBao: a root CA, an intermediate that signs everything, and one role per
+kind of identity. The same calls run against the lab's OpenBao and a customer's Vault.
+
+Roles and their certificates (short-lived on purpose; renewal is the vault agent's job):
+
+| role        | used by                         | usage         | default ttl / max |
+|-------------|---------------------------------|---------------|-------------------|
+| gateway     | the gateway's TLS listener      | server+client | 24h / 72h         |
+| core        | the core server                 | server+client | 24h / 72h         |
+| edge-device | a laptop's edge agent (CN=id)   | client        | 7d / 30d          |
+| admin       | an operator or auditor (CN=user)| client        | 8h / 24h          |
+
+A department goes into the certificate's OU. Vault roles fix the OU per role, so `issue(..., ou=D)`
+uses a role `<role>--<D>` derived from the base role on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hvac
+import hvac.exceptions
+
+from appliance import atomic
+from appliance.errors import BadInput, ServiceError
+from appliance.site import ExternalVault, Site
+
+ROOT_TTL = "87600h"
+INTERMEDIATE_TTL = "43800h"
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    name: str
+    server: bool
+    client: bool
+    ttl: str
+    max_ttl: str
+    any_name: bool  # user and device ids are not host names
+
+
+ROLES: dict[str, RoleSpec] = {
+    r.name: r
+    for r in (
+        RoleSpec("gateway", server=True, client=True, ttl="24h", max_ttl="72h", any_name=False),
+        RoleSpec("core", server=True, client=True, ttl="24h", max_ttl="72h", any_name=False),
+        RoleSpec("edge-device", server=False, client=True, ttl="168h", max_ttl="720h", any_name=True),
+        RoleSpec("admin", server=False, client=True, ttl="8h", max_ttl="24h", any_name=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    certificate: str
+    private_key: str = field(repr=False)  # never printed, never logged
+    issuing_ca: str = ""
+    ca_chain: list[str] = field(default_factory=list)
+    serial_number: str = ""
+    expiration: int = 0
+
+    def write(self, directory: Path, name: str) -> dict[str, Path]:
+        """Write NAME.crt, NAME.key (0600) and ca-chain.pem atomically; returns the paths."""
+        paths = {
+            "certificate": directory / f"{name}.crt",
+            "private_key": directory / f"{name}.key",
+            "ca_chain": directory / "ca-chain.pem",
+        }
+        atomic.write_text(paths["private_key"], self.private_key.strip() + "\n", mode=0o600)
+        atomic.write_text(paths["certificate"], self.certificate.strip() + "\n")
+        atomic.write_text(paths["ca_chain"], "\n".join(c.strip() for c in self.ca_chain) + "\n")
+        return paths
+
+
+class Pki:
+    def __init__(self, client: hvac.Client, domain: str, *, root_mount: str = "pki", int_mount: str = "pki_int"):
+        self.client = client
+        self.domain = domain
+        self.root_mount = root_mount
+        self.int_mount = int_mount
+
+    @classmethod
+    def for_site(cls, site: Site, client: hvac.Client) -> Pki:
+        vault = site.services.vault
+        if isinstance(vault, ExternalVault):
+            return cls(client, site.site.domain, root_mount=vault.pki_mount, int_mount=vault.pki_int_mount)
+        return cls(client, site.site.domain)
+
+    # -- bootstrap (idempotent) ------------------------------------------------------------------------
+
+    def bootstrap(self) -> list[str]:
+        """Create whatever is missing; return what was done (empty when everything was already there)."""
+        done: list[str] = []
+        try:
+            mounts = self.client.sys.list_mounted_secrets_engines()["data"]
+            if f"{self.root_mount}/" not in mounts:
+                self.client.sys.enable_secrets_engine("pki", path=self.root_mount, config={"max_lease_ttl": ROOT_TTL})
+                done.append(f"mounted {self.root_mount}/")
+            if not self._has_ca(self.root_mount):
+                self.client.secrets.pki.generate_root(
+                    "internal",
+                    f"Membria Root CA ({self.domain})",
+                    extra_params={"ttl": ROOT_TTL, "key_type": "ec", "key_bits": 384, "issuer_name": "root"},
+                    mount_point=self.root_mount,
+                )
+                done.append("generated the root CA")
+            if f"{self.int_mount}/" not in mounts:
+                self.client.sys.enable_secrets_engine(
+                    "pki", path=self.int_mount, config={"max_lease_ttl": INTERMEDIATE_TTL}
+                )
+                done.append(f"mounted {self.int_mount}/")
+            if not self._has_ca(self.int_mount):
+                self._make_intermediate()
+                done.append("generated and signed the intermediate CA")
+            for spec in ROLES.values():
+                if self._write_role_if_changed(spec.name, self._role_params(spec)):
+                    done.append(f"role {spec.name}")
+        except hvac.exceptions.VaultError as exc:
+            raise ServiceError(f"PKI bootstrap failed: {exc}") from exc
+        return done
+
+    def _has_ca(self, mount: str) -> bool:
+        issuers = self.client.list(f"{mount}/issuers")  # None when the mount has no issuer yet
+        return bool(issuers and issuers.get("data", {}).get("keys"))
+
+    def _make_intermediate(self) -> None:
+        csr = self.client.secrets.pki.generate_intermediate(
+            "internal",
+            f"Membria Intermediate CA ({self.domain})",
+            extra_params={"key_type": "ec", "key_bits": 256},
+            mount_point=self.int_mount,
+        )["data"]["csr"]
+        signed = self.client.secrets.pki.sign_intermediate(
+            csr,
+            f"Membria Intermediate CA ({self.domain})",
+            extra_params={"ttl": INTERMEDIATE_TTL, "format": "pem_bundle"},
+            mount_point=self.root_mount,
+        )["data"]["certificate"]
+        self.client.secrets.pki.set_signed_intermediate(signed, mount_point=self.int_mount)
+
+    def _role_params(self, spec: RoleSpec, ou: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "ttl": spec.ttl,
+            "max_ttl": spec.max_ttl,
+            "server_flag": spec.server,
+            "client_flag": spec.client,
+            "key_type": "ec",
+            "key_bits": 256,
+            "allow_ip_sans": True,
+            "allow_localhost": True,
+            "require_cn": True,
+            "no_store": False,  # stored, so a certificate can be listed and revoked
+        }
+        if spec.any_name:
+            params.update(allow_any_name=True, enforce_hostnames=False, allow_ip_sans=False, allow_localhost=False)
+        else:
+            params.update(allowed_domains=[self.domain], allow_subdomains=True, allow_bare_domains=True)
+        if ou:
+            params["ou"] = [ou]
+        return params
+
+    def _write_role_if_changed(self, name: str, params: dict[str, Any]) -> bool:
+        try:
+            current = self.client.secrets.pki.read_role(name, mount_point=self.int_mount)["data"]
+        except hvac.exceptions.InvalidPath:
+            current = None
+        if current is not None and all(_same(current.get(k), v) for k, v in params.items()):
+            return False
+        self.client.secrets.pki.create_or_update_role(name, extra_params=params, mount_point=self.int_mount)
+        return True
+
+    # -- issuing -------------------------------------------------------------------------------------------
+
+    def issue(
+        self,
+        role: str,
+        common_name: str,
+        *,
+        alt_names: list[str] | None = None,
+        ip_sans: list[str] | None = None,
+        ttl: str | None = None,
+        ou: str | None = None,
+    ) -> IssuedCertificate:
+        spec = ROLES.get(role)
+        if spec is None:
+            raise BadInput(f"unknown certificate role {role!r}; roles: {', '.join(ROLES)}")
+        role_name = role
+        if ou:
+            role_name = f"{role}--{ou}"
+            self._write_role_if_changed(role_name, self._role_params(spec, ou))
+        extra: dict[str, Any] = {}
+        if alt_names:
+            extra["alt_names"] = ",".join(alt_names)
+        if ip_sans:
+            extra["ip_sans"] = ",".join(ip_sans)
+        if ttl:
+            extra["ttl"] = ttl
+        try:
+            data = self.client.secrets.pki.generate_certificate(
+                role_name, common_name, extra_params=extra, mount_point=self.int_mount
+            )["data"]
+        except hvac.exceptions.InvalidRequest as exc:
+            raise BadInput(f"the PKI refused a {role} certificate for {common_name!r}: {exc}") from exc
+        except hvac.exceptions.VaultError as exc:
+            raise ServiceError(f"issuing a {role} certificate failed: {exc}") from exc
+        return IssuedCertificate(
+            certificate=data["certificate"],
+            private_key=data["private_key"],
+            issuing_ca=data["issuing_ca"],
+            ca_chain=list(data.get("ca_chain") or [data["issuing_ca"]]),
+            serial_number=data["serial_number"],
+            expiration=int(data["expiration"]),
+        )
+
+    def revoke(self, serial_number: str) -> None:
+        self.client.secrets.pki.revoke_certificate(serial_number, mount_point=self.int_mount)
+
+    def ca_chain_pem(self) -> str:
+        """The intermediate and the root, PEM: what a peer needs to verify a site certificate."""
+        chain = self.client.secrets.pki.read_ca_certificate_chain(mount_point=self.int_mount)
+        root = self.client.secrets.pki.read_ca_certificate(mount_point=self.root_mount)
+        pems: list[str] = []
+        for pem in _split_pems(f"{chain}\n{root}"):
+            if pem not in pems:  # the intermediate's chain may already end with the root
+                pems.append(pem)
+        return "\n".join(pems) + "\n"
+
+    def crl_pem(self) -> str:
+        return str(self.client.secrets.pki.read_crl(mount_point=self.int_mount))
+
+
+def _split_pems(text: str) -> list[str]:
+    end = "-----END CERTIFICATE-----"
+    return [part.strip() + "\n" + end for part in text.split(end) if "BEGIN CERTIFICATE" in part]
+
+
+def _same(current: Any, wanted: Any) -> bool:
+    """Compare a role field as Vault returns it with the value we would write."""
+    if isinstance(wanted, list):
+        return sorted(map(str, current or [])) == sorted(map(str, wanted))
+    if isinstance(wanted, str) and wanted.endswith("h") and isinstance(current, int):
+        return current == int(wanted[:-1]) * 3600
+    return bool(current == wanted)

@@ -1,0 +1,1 @@
+"""What every runtime service shares: mTLS, identities, audit schema, vector clocks, the LLM client."""

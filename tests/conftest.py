@@ -1,0 +1,49 @@
+"""Shared fixtures: sites for tests with their own state directory and free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+from appliance.site import Site
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def example_data(name: str = "lab.yaml") -> dict[str, Any]:
+    data: dict[str, Any] = YAML(typ="safe").load((EXAMPLES / name).read_text())
+    return data
+
+
+def lab_site_data(state_dir: Path) -> dict[str, Any]:
+    """examples/lab.yaml with its own state directory and free ports, so tests never meet `make lab`."""
+    data = example_data()
+    data["lab"] = {
+        "host": "127.0.0.1",
+        "state_dir": str(state_dir),
+        "ports": {"openbao": free_port(), "s3": free_port(), "llm": free_port()},
+    }
+    return data
+
+
+def write_site(path: Path, data: dict[str, Any]) -> Path:
+    yaml = YAML()
+    with path.open("w") as fh:
+        yaml.dump(data, fh)
+    return path
+
+
+@pytest.fixture
+def lab_site(tmp_path: Path) -> Site:
+    return Site.model_validate(lab_site_data(tmp_path / "state"))
