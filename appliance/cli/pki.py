@@ -12,7 +12,9 @@ from appliance.cli.common import SiteOption, StateDirOption, lab_state, load
 from appliance.cli.output import console, print_ok
 from appliance.pki import ROLES, Pki
 
-app = typer.Typer(help="Issue certificates from the site PKI (the lab's OpenBao or the site's Vault).", no_args_is_help=True)
+app = typer.Typer(
+    help="Issue certificates from the site PKI (the lab's OpenBao or the site's Vault).", no_args_is_help=True
+)
 
 
 def _pki(site_file: Path, state_dir: Path | None) -> Pki:

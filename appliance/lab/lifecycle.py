@@ -113,9 +113,7 @@ def bootstrap(site: Site, state: LabState) -> list[str]:
         try:
             backends.read_secret(path)
         except ServiceError:
-            backends.write_secret(
-                path, {"access_key": f"membria-lab-{name}", "secret_key": secrets.token_urlsafe(30)}
-            )
+            backends.write_secret(path, {"access_key": f"membria-lab-{name}", "secret_key": secrets.token_urlsafe(30)})
             done.append(f"S3 {name} credentials stored in Vault at {path}")
         if ensure_locked_bucket(backends.s3(name)):
             done.append(f"bucket {spec.bucket} (versioning, object lock)")
@@ -149,7 +147,9 @@ def _in_process_health(site: Site, state: LabState) -> list[Health]:
                 names = client.list_collections()
             finally:
                 client.close()
-            out.append(Health("vectors", True, f"Milvus Lite, {len(names)} collection(s)", str(backends.milvus_lite_path())))
+            out.append(
+                Health("vectors", True, f"Milvus Lite, {len(names)} collection(s)", str(backends.milvus_lite_path()))
+            )
         except Exception as exc:  # noqa: BLE001 - any failure of the embedded store is a failed check
             out.append(Health("vectors", False, f"Milvus Lite: {exc}", str(backends.milvus_lite_path())))
     if site.services.audit_db.backend == "embedded":

@@ -52,7 +52,7 @@ def ensure_gemma(directory: Path | None = None) -> Path:
         ) from exc
     directory = directory or model_cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / package.MODEL_NAME
+    target: Path = directory / package.MODEL_NAME
     stamp = directory / f"{package.MODEL_NAME}.verified"
     expected = package.EXPECTED_SHA256
     if target.exists() and (_stamp_matches(target, stamp, expected) or _sha256(target) == expected):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import ssl
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class EmbeddedService(ABC):
     @abstractmethod
     def endpoint(self) -> str: ...
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Work before the first start (files, keys); must be idempotent."""
 
     @abstractmethod
@@ -126,7 +127,7 @@ class OpenBao(EmbeddedService):
 
     def check(self) -> Health:
         try:
-            with httpx.Client(verify=str(self.ca_file), timeout=5) as client:
+            with httpx.Client(verify=ssl.create_default_context(cafile=str(self.ca_file)), timeout=5) as client:
                 health = client.get(f"{self.endpoint}/v1/sys/health").json()
                 me = client.get(
                     f"{self.endpoint}/v1/auth/token/lookup-self", headers={"X-Vault-Token": self.root_token()}
