@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
+from typer.exceptions import TyperException
 
 from appliance import __version__
 from appliance.cli import lab as lab_cli
@@ -68,12 +69,16 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("Interrupted.")
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - click's usage errors and anything unexpected: never a traceback
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(int(ExitCode.BAD_INPUT))
+    except TyperException as exc:
+        # Usage errors (missing argument, bad option). Typer vendors its own click, so these are not
+        # click.ClickException; TyperException is their public base.
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            print_error(exc.format_message())
+        sys.exit(int(ExitCode.BAD_INPUT))
+    except Exception as exc:  # noqa: BLE001 - anything unexpected: a crash log, never a traceback
         log = _crash_log(exc)
         print_error(f"internal error: {type(exc).__name__}: {exc}", hint=f"details written to {log}")
         sys.exit(int(ExitCode.CHECK_FAILED))

@@ -1,0 +1,359 @@
+"""The site file: one YAML document that describes a whole Membria installation.
+
+Everything else (inventories, serving plans, image profiles, DR targets, the lab) is derived from it.
+Every model forbids unknown keys: a typo must be an error, not a silently ignored setting.
+Secrets never live here: the file names where to find them (an environment variable, a Vault path).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    UrlConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from appliance.hardware import KNOWN_GPUS, gpu_spec
+from appliance.yamldoc import load_model
+
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+ENV_VAR_PATTERN = r"^[A-Z_][A-Z0-9_]*$"
+# pydantic's default (Rust) regex engine has no look-around: the 253-character limit is a max_length instead.
+DOMAIN_PATTERN = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case name: letters, digits, '-'")]
+EnvVarName = Annotated[str, Field(pattern=ENV_VAR_PATTERN, description="name of an environment variable")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+# YAML has no path type, so paths are the one place a string is converted (models are strict otherwise).
+Pathname = Annotated[Path, Field(strict=False)]
+HOSTNAME_PATTERN = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*\.?"
+
+HttpUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["http", "https"], host_required=True)]
+MilvusUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["http", "https", "tcp"], host_required=True)]
+ClickHouseDsn = Annotated[
+    AnyUrl, UrlConstraints(allowed_schemes=["clickhouse", "clickhouses", "http", "https"], host_required=True)
+]
+
+
+class Strict(BaseModel):
+    """Base for every site-file model: unknown keys are errors, values are not coerced across types."""
+
+    # strict: `count: true` must not become 1 GPU, nor `ram_gb: "512"` pass as a number.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, str_strip_whitespace=True)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """Echo user input into a message without flooding it."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- identity --------------------------------------------------------------------------------------
+
+
+class SiteInfo(Strict):
+    name: Name
+    domain: str = Field(
+        pattern=DOMAIN_PATTERN, max_length=253, description="DNS domain the site's certificates are issued under"
+    )
+    description: str = ""
+
+
+# --- core nodes ------------------------------------------------------------------------------------
+
+
+class SshAccess(Strict):
+    user: str = Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    key: Pathname = Field(description="path to the private key on the admin machine (the key itself never goes here)")
+    port: Port = 22
+
+
+class Cpu(Strict):
+    model: str = Field(min_length=1)
+    cores: int = Field(ge=1, le=1024)
+
+
+class Gpu(Strict):
+    model: str = Field(min_length=1, description=f"one of: {', '.join(sorted(KNOWN_GPUS))}")
+    memory_gb: int = Field(gt=0, le=1024)
+    count: int = Field(default=1, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _memory_matches_model(self) -> Gpu:
+        spec = gpu_spec(self.model)
+        if spec is None:
+            raise PydanticCustomError(
+                "unknown_gpu",
+                "unknown GPU model '{model}'; known models: {known}",
+                # `at` points the error at the offending key rather than the whole GPU entry.
+                {"model": _short(self.model), "known": ", ".join(sorted(KNOWN_GPUS)), "at": ["model"]},
+            )
+        if self.memory_gb != spec.memory_gb:
+            raise PydanticCustomError(
+                "impossible_gpu_memory",
+                "{model} has {expected} GB of memory, not {given} GB",
+                {"model": spec.model, "expected": spec.memory_gb, "given": self.memory_gb, "at": ["memory_gb"]},
+            )
+        return self
+
+
+class Nic(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9._-]{1,15}$")
+    speed_gbps: float = Field(gt=0, le=800)
+
+
+class Hardware(Strict):
+    cpu: Cpu
+    ram_gb: int = Field(ge=1, le=16384)
+    gpus: list[Gpu] = Field(default_factory=list)
+    nics: list[Nic] = Field(default_factory=list)
+
+    @property
+    def gpu_count(self) -> int:
+        return sum(g.count for g in self.gpus)
+
+
+class CoreNode(Strict):
+    name: Name
+    address: str = Field(description="IPv4/IPv6 address or DNS name the admin machine reaches it at")
+    ssh: SshAccess
+    hardware: Hardware
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            # Labels must be separated by dots: an optional dot would make the regex backtrack exponentially.
+            if len(value) > 253 or not re.fullmatch(HOSTNAME_PATTERN, value):
+                raise PydanticCustomError(
+                    "invalid_address", "'{value}' is neither an IP address nor a host name", {"value": _short(value)}
+                ) from None
+        return value
+
+
+# --- service backends ------------------------------------------------------------------------------
+
+
+class Embedded(Strict):
+    """Run the embedded stand-in for this service on the admin machine (lab, tests, small sites)."""
+
+    backend: Literal["embedded"]
+
+
+class VaultAppRole(Strict):
+    method: Literal["approle"]
+    role_id: str = Field(min_length=1, description="AppRole role id (not a secret)")
+    secret_id_env: EnvVarName = Field(description="environment variable holding the AppRole secret id")
+    mount: str = "approle"
+
+
+class VaultToken(Strict):
+    method: Literal["token"]
+    token_env: EnvVarName = Field(description="environment variable holding the Vault token")
+
+
+class ExternalVault(Strict):
+    backend: Literal["external"]
+    url: HttpUrl
+    auth: Annotated[VaultAppRole | VaultToken, Field(discriminator="method")]
+    ca_file: Pathname | None = None
+    pki_mount: str = "pki"
+    pki_int_mount: str = "pki_int"
+    kv_mount: str = "secret"
+
+
+class ExternalLlm(Strict):
+    backend: Literal["external"]
+    url: HttpUrl = Field(description="base URL of an OpenAI-compatible API, e.g. vLLM")
+    model: str = Field(min_length=1)
+    api_key_vault_path: str | None = Field(default=None, description="Vault KV path of the API key, if any")
+
+
+class EmbeddedLlm(Strict):
+    backend: Literal["embedded"]
+    model: Literal["gemma-3-270m-q4_k_m"] = "gemma-3-270m-q4_k_m"
+    context_tokens: int = Field(default=2048, ge=256, le=32768)
+
+
+class ExternalVectors(Strict):
+    backend: Literal["external"]
+    url: MilvusUrl
+    database: str = "default"
+    token_vault_path: str = Field(min_length=1, description="Vault KV path of the Milvus user:password token")
+
+
+class ExternalAuditDb(Strict):
+    backend: Literal["external"]
+    dsn: ClickHouseDsn = Field(description="clickhouse(s)://host:port/database, no password in it")
+    password_vault_path: str = Field(min_length=1, description="Vault KV path of the ClickHouse password")
+
+    @field_validator("dsn")
+    @classmethod
+    def _no_password(cls, value: AnyUrl) -> AnyUrl:
+        if value.password:
+            raise PydanticCustomError(
+                "secret_in_site_file", "the DSN carries a password; put it in Vault and name it in password_vault_path"
+            )
+        return value
+
+
+class ExternalS3(Strict):
+    backend: Literal["external"]
+    url: HttpUrl
+    region: str = "us-east-1"
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    credentials_vault_path: str = Field(min_length=1, description="Vault KV path with access_key and secret_key")
+
+
+class EmbeddedS3(Strict):
+    backend: Literal["embedded"]
+    bucket: str = Field(default="membria-dr", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+VaultBackend = Annotated[Embedded | ExternalVault, Field(discriminator="backend")]
+LlmBackend = Annotated[EmbeddedLlm | ExternalLlm, Field(discriminator="backend")]
+VectorsBackend = Annotated[Embedded | ExternalVectors, Field(discriminator="backend")]
+AuditDbBackend = Annotated[Embedded | ExternalAuditDb, Field(discriminator="backend")]
+S3Backend = Annotated[EmbeddedS3 | ExternalS3, Field(discriminator="backend")]
+
+
+class S3Targets(Strict):
+    primary: S3Backend
+    replica: S3Backend | None = None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> S3Targets:
+        if self.replica is not None and self.replica == self.primary:
+            raise PydanticCustomError(
+                "replica_is_primary", "the replica is the same target as the primary", {"at": ["replica"]}
+            )
+        return self
+
+
+class Services(Strict):
+    llm: LlmBackend
+    vectors: VectorsBackend
+    audit_db: AuditDbBackend
+    vault: VaultBackend
+    s3: S3Targets
+
+
+# --- edge, licensing, RBAC -------------------------------------------------------------------------
+
+
+class EdgeProfile(Strict):
+    name: Name
+    departments: list[Name] = Field(min_length=1)
+    model: str = Field(default="gemma-3-270m-q4_k_m", min_length=1)
+    extra_packages: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]] = Field(default_factory=list)
+
+
+class Licensing(Strict):
+    license_file: Pathname
+    public_key_file: Pathname | None = None
+
+
+class Rbac(Strict):
+    policy_file: Pathname
+
+
+# --- the embedded lab ------------------------------------------------------------------------------
+
+
+class LabPorts(Strict):
+    openbao: Port = 8200
+    s3: Port = 9000
+    llm: Port = 8081
+
+    @model_validator(mode="after")
+    def _distinct(self) -> LabPorts:
+        seen: dict[int, str] = {}
+        for service, port in self.model_dump().items():
+            if port in seen:
+                raise PydanticCustomError(
+                    "port_clash",
+                    "port {port} is used by both {first} and {service}",
+                    {"port": port, "first": seen[port], "service": service, "at": [service]},
+                )
+            seen[port] = service
+        return self
+
+
+class Lab(Strict):
+    host: Literal["127.0.0.1", "::1"] = Field(
+        default="127.0.0.1", description="embedded services listen on loopback only"
+    )
+    state_dir: Pathname = Field(
+        default=Path(".lab"), description="logs, pid files and data; relative to the working directory"
+    )
+    ports: LabPorts = Field(default_factory=LabPorts)
+
+
+# --- the site --------------------------------------------------------------------------------------
+
+
+def _duplicates(names: list[str]) -> list[tuple[int, str, int]]:
+    """(index, name, index of first use) for every repeated name."""
+    first: dict[str, int] = {}
+    out = []
+    for i, name in enumerate(names):
+        if name in first:
+            out.append((i, name, first[name]))
+        else:
+            first[name] = i
+    return out
+
+
+class Site(Strict):
+    site: SiteInfo
+    core_nodes: list[CoreNode] = Field(min_length=1)
+    services: Services
+    edge_profiles: list[EdgeProfile] = Field(default_factory=list)
+    licensing: Licensing
+    rbac: Rbac
+    lab: Lab = Field(default_factory=Lab)
+
+    @field_validator("core_nodes", "edge_profiles")
+    @classmethod
+    def _unique_names(cls, items: list[Any]) -> list[Any]:
+        dups = _duplicates([item.name for item in items])
+        if dups:
+            index, name, first = dups[0]
+            # `at` lets the error printer point at the repeated item's own line.
+            raise PydanticCustomError(
+                "duplicate_name",
+                "name '{name}' is used twice (items {first} and {index})",
+                {"name": name, "first": first, "index": index, "at": [index, "name"]},
+            )
+        return items
+
+    @property
+    def embedded(self) -> dict[str, bool]:
+        s = self.services
+        return {
+            "llm": s.llm.backend == "embedded",
+            "vectors": s.vectors.backend == "embedded",
+            "audit_db": s.audit_db.backend == "embedded",
+            "vault": s.vault.backend == "embedded",
+            "s3": s.s3.primary.backend == "embedded",
+        }
+
+
+def load_site(path: Path) -> Site:
+    """Read and validate a site file; raises yamldoc.InvalidFile (exit code 2) listing every problem.
+
+    Paths inside the file are kept as written: they are resolved by whoever uses them, against the working directory.
+    """
+    return load_model(path, Site)
