@@ -18,6 +18,8 @@ APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates
 # pytest's markers for the tiers `make test` runs (later tiers join as they land).
 TEST_TIERS ?= unit or integration
 PYTEST_ARGS ?=
+# Python trees to lint (bench/ once it exists).
+PY_DIRS := appliance runtime edge_image tests $(wildcard bench)
 
 .PHONY: help lab lab-status lab-down test lint typecheck pytest venv clean
 
@@ -52,8 +54,8 @@ lab-down: $(STAMPS)/venv
 	$(BIN)/appliance lab down --site $(SITE)
 
 lint: $(STAMPS)/venv
-	$(BIN)/ruff check appliance runtime edge_image tests bench
-	$(BIN)/ruff format --check appliance runtime edge_image tests bench
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 
 typecheck: $(STAMPS)/venv
 	$(BIN)/mypy appliance runtime edge_image

@@ -26,6 +26,7 @@ import hvac.exceptions
 from appliance import atomic
 from appliance.errors import BadInput, ServiceError
 from appliance.site import ExternalVault, Site
+from runtime.common.identity import ORG_FOR_KIND, Kind
 
 ROOT_TTL = "87600h"
 INTERMEDIATE_TTL = "43800h"
@@ -39,15 +40,16 @@ class RoleSpec:
     ttl: str
     max_ttl: str
     any_name: bool  # user and device ids are not host names
+    kind: Kind  # written to O, so a peer knows what kind of identity a certificate is
 
 
 ROLES: dict[str, RoleSpec] = {
     r.name: r
     for r in (
-        RoleSpec("gateway", server=True, client=True, ttl="24h", max_ttl="72h", any_name=False),
-        RoleSpec("core", server=True, client=True, ttl="24h", max_ttl="72h", any_name=False),
-        RoleSpec("edge-device", server=False, client=True, ttl="168h", max_ttl="720h", any_name=True),
-        RoleSpec("admin", server=False, client=True, ttl="8h", max_ttl="24h", any_name=True),
+        RoleSpec("gateway", kind="service", server=True, client=True, ttl="24h", max_ttl="72h", any_name=False),
+        RoleSpec("core", kind="service", server=True, client=True, ttl="24h", max_ttl="72h", any_name=False),
+        RoleSpec("edge-device", kind="device", server=False, client=True, ttl="168h", max_ttl="720h", any_name=True),
+        RoleSpec("admin", kind="user", server=False, client=True, ttl="8h", max_ttl="24h", any_name=True),
     )
 }
 
@@ -152,6 +154,7 @@ class Pki:
             "allow_localhost": True,
             "require_cn": True,
             "no_store": False,  # stored, so a certificate can be listed and revoked
+            "organization": [ORG_FOR_KIND[spec.kind]],
         }
         if spec.any_name:
             params.update(allow_any_name=True, enforce_hostnames=False, allow_ip_sans=False, allow_localhost=False)
