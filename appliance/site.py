@@ -24,7 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from appliance.hardware import KNOWN_GPUS, gpu_spec
-from appliance.yamldoc import load_model
+from runtime.common.yamldoc import load_model
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 ENV_VAR_PATTERN = r"^[A-Z_][A-Z0-9_]*$"

@@ -12,10 +12,12 @@ from typer.exceptions import TyperException
 
 from appliance import __version__
 from appliance.cli import lab as lab_cli
+from appliance.cli import license as license_cli
 from appliance.cli import pki as pki_cli
 from appliance.cli import site as site_cli
 from appliance.cli.output import err_console, print_error
 from appliance.errors import ApplianceError, ExitCode
+from runtime.common.yamldoc import InvalidFile
 
 app = typer.Typer(
     name="appliance",
@@ -31,6 +33,7 @@ app = typer.Typer(
 app.add_typer(site_cli.app, name="site")
 app.add_typer(lab_cli.app, name="lab")
 app.add_typer(pki_cli.app, name="pki")
+app.add_typer(license_cli.app, name="license")
 
 
 def _version(value: bool) -> None:
@@ -63,6 +66,9 @@ def main() -> None:
     except ApplianceError as exc:
         print_error(exc.message, hint=exc.hint)
         sys.exit(int(exc.exit_code))
+    except InvalidFile as exc:  # runtime.common knows nothing of ApplianceError; a bad file is bad input
+        print_error(exc.message)
+        sys.exit(int(ExitCode.BAD_INPUT))
     except typer.Abort:
         err_console.print("Aborted.")
         sys.exit(130)

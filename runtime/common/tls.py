@@ -8,6 +8,7 @@ the ASGI TLS extension describes (`scope["extensions"]["tls"]["client_cert_chain
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def uvicorn_tls_kwargs(files: TlsFiles, *, require_client_cert: bool = True) -> 
     }
 
 
-def peer_certificate(scope: dict[str, Any]) -> x509.Certificate | None:
+def peer_certificate(scope: Mapping[str, Any]) -> x509.Certificate | None:
     """The verified client certificate of this request, if the client presented one."""
     chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain") or []
     return x509.load_pem_x509_certificate(chain[0].encode()) if chain else None

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import BadInput, ExitCode
+from appliance.errors import ExitCode
 from appliance.site import Site, load_site
-from appliance.yamldoc import FileIssue, InvalidFile, load_model, validate_document
+from runtime.common.yamldoc import FileIssue, InvalidFile, load_model, validate_document
 
 pytestmark = pytest.mark.unit
 
@@ -473,7 +473,9 @@ def test_load_model_is_generic(tmp_path: Path) -> None:
 
 def test_invalid_file_is_bad_input(tmp_path: Path) -> None:
     error = InvalidFile(tmp_path / "x.yaml", [FileIssue("a.b[0]", 3, "boom"), FileIssue("", None, "empty")])
-    assert isinstance(error, BadInput)
+    assert isinstance(error, ValueError)  # runtime.common: no dependency on appliance.errors
+    assert error.exit_code == ExitCode.BAD_INPUT
+    assert error.summary == f"{tmp_path}/x.yaml: 2 errors"
     assert error.message.splitlines() == [
         f"{tmp_path}/x.yaml: 2 errors",
         f"{tmp_path}/x.yaml:3: a.b[0]: boom",

@@ -1,7 +1,8 @@
 """Load a user-written YAML file into a pydantic model, reporting every problem with its YAML path and line.
 
-Used for the site file and, later, waivers, RBAC policies and licenses. The file is read with ruamel.yaml's
-round-trip loader only to keep line numbers; the model sees plain dicts, lists and scalars.
+Used for the site file, RBAC policies and, later, waivers; it lives in runtime.common so that runtime services can
+load their files too. The file is read with ruamel.yaml's round-trip loader only to keep line numbers; the model
+sees plain dicts, lists and scalars.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
-
-from appliance.errors import BadInput
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -43,19 +42,22 @@ class FileIssue:
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
-class InvalidFile(BadInput):
+class InvalidFile(ValueError):
     """A file that cannot be used, with every problem found in it.
 
-    The message's first line summarises; the following lines are the issues, so the CLI's generic error handler
-    shows them without knowing about this class.
+    The message's first line summarises; the following lines are the issues, so an error handler shows them
+    without knowing about this class. Independent of `appliance` so runtime services can load their files too;
+    the CLI maps it onto exit code 2 (bad input).
     """
+
+    exit_code = 2
 
     def __init__(self, file: Path, issues: list[FileIssue]) -> None:
         self.file = file
         self.issues = issues
         count = f"{len(issues)} error" + ("" if len(issues) == 1 else "s")
-        lines = [f"{file}: {count}", *(issue.format(file) for issue in issues)]
-        super().__init__("\n".join(lines))
+        self.message = "\n".join([f"{file}: {count}", *(issue.format(file) for issue in issues)])
+        super().__init__(self.message)
 
     @property
     def summary(self) -> str:

@@ -1,0 +1,56 @@
+"""The gateway's configuration file (JSON, written by the lab or the `gateway` role; never holds secrets).
+
+Secrets reach the gateway the way a Vault agent delivers them: the audit HMAC key in an environment
+variable (or a file on tmpfs) named here, certificates and keys as files rendered from the PKI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.common.tls import TlsFiles
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(Frozen):
+    cert: Path
+    key: Path
+    ca: Path = Field(description="site CA chain: client certificates must chain to it")
+    crl: Path | None = Field(default=None, description="PEM CRL from the PKI; re-read when it changes")
+
+    def files(self) -> TlsFiles:
+        return TlsFiles(cert=self.cert, key=self.key, ca=self.ca)
+
+
+class RateLimitSettings(Frozen):
+    rate_per_second: float = Field(default=5.0, gt=0)
+    burst: int = Field(default=20, ge=1)
+
+
+class AuditSettings(Frozen):
+    dsn: str = Field(description="chdb:///path (lab) or clickhouse(s)://host:port/db (production)")
+    table: str = "audit_log"
+    hmac_key_env: str = Field(default="MEMBRIA_AUDIT_HMAC_KEY", description="env var with the hex HMAC key")
+    password_env: str | None = Field(default=None, description="env var with the ClickHouse password, if any")
+
+
+class GatewaySettings(Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=1, le=65535)
+    tls: TlsSettings
+    core_url: str = Field(description="https URL of the core server (reached with the gateway's certificate)")
+    rbac_policy: Path
+    license_file: Path
+    license_public_key: Path
+    service_token_public_key: Path | None = None
+    state_dir: Path = Field(description="seat ledger and other small gateway state (SQLite)")
+    audit: AuditSettings
+    models: list[str] = Field(min_length=1, description="model names the gateway serves")
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    core_timeout_seconds: float = Field(default=120.0, gt=0)
