@@ -276,6 +276,8 @@ class LabPorts(Strict):
     openbao: Port = 8200
     s3: Port = 9000
     llm: Port = 8081
+    core: Port = 8444
+    gateway: Port = 8443
 
     @model_validator(mode="after")
     def _distinct(self) -> LabPorts:

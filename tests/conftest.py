@@ -29,10 +29,15 @@ def example_data(name: str = "lab.yaml") -> dict[str, Any]:
 def lab_site_data(state_dir: Path) -> dict[str, Any]:
     """examples/lab.yaml with its own state directory and free ports, so tests never meet `make lab`."""
     data = example_data()
+    data["licensing"] = {
+        "license_file": str(state_dir / "license" / "license.json"),
+        "public_key_file": str(state_dir / "license" / "signing.pub"),
+    }
+    data["rbac"] = {"policy_file": str(EXAMPLES / "rbac.yaml")}
     data["lab"] = {
         "host": "127.0.0.1",
         "state_dir": str(state_dir),
-        "ports": {"openbao": free_port(), "s3": free_port(), "llm": free_port()},
+        "ports": {name: free_port() for name in ("openbao", "s3", "llm", "core", "gateway")},
     }
     return data
 

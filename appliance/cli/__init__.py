@@ -11,6 +11,7 @@ import typer
 from typer.exceptions import TyperException
 
 from appliance import __version__
+from appliance.cli import audit_log as audit_log_cli
 from appliance.cli import lab as lab_cli
 from appliance.cli import license as license_cli
 from appliance.cli import pki as pki_cli
@@ -33,6 +34,7 @@ app = typer.Typer(
 app.add_typer(site_cli.app, name="site")
 app.add_typer(lab_cli.app, name="lab")
 app.add_typer(pki_cli.app, name="pki")
+app.add_typer(audit_log_cli.app, name="audit-log")
 app.add_typer(license_cli.app, name="license")
 
 

@@ -8,20 +8,15 @@ lab's environment marker (a CLI killed between spawn and pid file).
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import botocore.exceptions
-
-from appliance import backends as backends_mod
 from appliance.backends import Backends
 from appliance.errors import MissingEnvironment, ServiceError
-from appliance.lab import process
+from appliance.lab import bootstrap, process
 from appliance.lab.services import EmbeddedService, Health, OpenBao, process_services
 from appliance.lab.state import LabState
-from appliance.pki import Pki
-from appliance.site import EmbeddedS3, Site
+from appliance.site import Site
 
 Progress = Callable[[str], None]
 
@@ -87,7 +82,7 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
             _start(service, progress)
             report.started.append(service.name)
         progress("bootstrapping PKI, secrets and buckets")
-        report.bootstrap = bootstrap(site, state)
+        report.bootstrap = bootstrap.run(site, state)
         report.health = status(site, state)
     except BaseException:
         # All or nothing: do not leave what this call started running behind a failed `up`.
@@ -98,42 +93,6 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
     if failing:
         raise ServiceError("lab is up but unhealthy: " + "; ".join(f"{h.name}: {h.detail}" for h in failing))
     return report
-
-
-def bootstrap(site: Site, state: LabState) -> list[str]:
-    """PKI, the lab's S3 credentials in Vault, and DR buckets with versioning and object lock."""
-    backends = Backends(site, state)
-    done: list[str] = []
-    done += Pki.for_site(site, backends.vault()).bootstrap()
-    targets = [("primary", site.services.s3.primary), ("replica", site.services.s3.replica)]
-    for name, spec in targets:
-        if not isinstance(spec, EmbeddedS3):
-            continue
-        path = backends_mod.s3_credentials_path(name)
-        try:
-            backends.read_secret(path)
-        except ServiceError:
-            backends.write_secret(path, {"access_key": f"membria-lab-{name}", "secret_key": secrets.token_urlsafe(30)})
-            done.append(f"S3 {name} credentials stored in Vault at {path}")
-        if ensure_locked_bucket(backends.s3(name)):
-            done.append(f"bucket {spec.bucket} (versioning, object lock)")
-    return done
-
-
-def ensure_locked_bucket(target: backends_mod.S3Target) -> bool:
-    """Create the bucket with object lock (which implies versioning) unless it exists. True if created."""
-    client = target.client
-    try:
-        client.head_bucket(Bucket=target.bucket)
-        exists = True
-    except botocore.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-            raise ServiceError(f"S3 bucket {target.bucket} at {target.endpoint}: {exc}") from exc
-        exists = False
-    if not exists:
-        client.create_bucket(Bucket=target.bucket, ObjectLockEnabledForBucket=True)
-    client.put_bucket_versioning(Bucket=target.bucket, VersioningConfiguration={"Status": "Enabled"})
-    return not exists
 
 
 def _in_process_health(site: Site, state: LabState) -> list[Health]:

@@ -127,10 +127,10 @@ CASES = [
     ),
     Case(
         "unknown-key-in-flow-mapping",
-        t := edit(LAB, ("llm: 8081}", "llm: 8081, ssh: 2222}")),
+        t := edit(LAB, ("gateway: 8443}", "gateway: 8443, ssh: 2222}")),
         "lab.ports.ssh",
         line_of(t, "ports:"),
-        "unknown key 'ssh' (allowed: openbao, s3, llm)",
+        "unknown key 'ssh' (allowed: openbao, s3, llm, core, gateway)",
     ),
     Case(
         "core-node-without-address",
@@ -246,7 +246,7 @@ CASES = [
     ),
     Case(
         "port-out-of-range",
-        t := edit(LAB, ("llm: 8081}", "llm: 70000}")),
+        t := edit(LAB, ("llm: 8081,", "llm: 70000,")),
         "lab.ports.llm",
         line_of(t, "ports:"),
         "less than or equal to 65535",
@@ -557,7 +557,7 @@ def test_cli_show_json() -> None:
     data = json.loads(result.stdout)
     assert data == load_site(ROOT / "examples" / "rack.yaml").model_dump(mode="json")
     assert data["core_nodes"][0]["hardware"]["gpus"][0] == {"model": "RTX 5090", "memory_gb": 32, "count": 4}
-    assert data["lab"]["ports"] == {"openbao": 8200, "s3": 9000, "llm": 8081}  # defaults filled in
+    assert data["lab"]["ports"] == {"openbao": 8200, "s3": 9000, "llm": 8081, "core": 8444, "gateway": 8443}  # defaults filled in
 
 
 def test_cli_usage_error_is_bad_input() -> None:
