@@ -165,22 +165,18 @@ class Backends:
     def chdb_path(self) -> Path:
         return self._lab_state("audit_db").data_dir / "chdb"
 
+    def audit_db_dsn(self) -> str:
+        spec = self.site.services.audit_db
+        return f"chdb://{self.chdb_path()}" if spec.backend == "embedded" else str(spec.dsn)
+
     def audit_db(self) -> ClickHouseClient:
-        import clickhouse_connect
+        """A client of the audit DB. chDB admits one process at a time: raises AuditDbBusy when another holds
+        it. Close the client when done so the engine is released."""
+        from runtime.common.audit import client_factory
 
         spec = self.site.services.audit_db
-        if spec.backend == "embedded":
-            return clickhouse_connect.get_client(dsn=f"chdb://{self.chdb_path()}")
-        password = self.read_secret(spec.password_vault_path).get("password", "")
-        dsn = spec.dsn
-        return clickhouse_connect.get_client(
-            host=dsn.host,
-            port=dsn.port,
-            username=dsn.username or "default",
-            password=password,
-            database=(dsn.path or "/").strip("/") or "default",
-            secure=dsn.scheme in ("clickhouses", "https"),
-        )
+        password = "" if spec.backend == "embedded" else self.read_secret(spec.password_vault_path).get("password", "")
+        return client_factory(self.audit_db_dsn(), password=password)()
 
     # -- LLM ----------------------------------------------------------------------------------------------
 

@@ -90,12 +90,25 @@ def _chains_to(cert_file: Path, chain_pem: str, min_validity: dt.timedelta) -> b
     return issuer_ok and leaf.not_valid_after_utc - dt.datetime.now(dt.UTC) > min_validity
 
 
+def write_crl(state: LabState, pki: Pki) -> None:
+    """The gateway re-reads this file when it changes: a revocation takes effect without a restart."""
+    crl = pki.crl_pem()
+    path = crl_path(state)
+    if not path.exists() or path.read_text() != crl:
+        atomic.write_text(path, crl)
+
+
+def crl_path(state: LabState) -> Path:
+    return state.pki_dir / "crl.pem"
+
+
 def _ensure_certificates(site: Site, state: LabState, pki: Pki) -> list[str]:
     done: list[str] = []
     chain = pki.ca_chain_pem()
     if not ca_chain_path(state).exists() or ca_chain_path(state).read_text() != chain:
         atomic.write_text(ca_chain_path(state), chain)
         done.append("site CA chain written")
+    write_crl(state, pki)
     for spec in service_certs(site):
         cert_file, _ = cert_paths(state, spec.name)
         if _chains_to(cert_file, chain, dt.timedelta(hours=2)):

@@ -8,15 +8,18 @@ lab's environment marker (a CLI killed between spawn and pid file).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.backends import Backends
 from appliance.errors import MissingEnvironment, ServiceError
 from appliance.lab import bootstrap, process
+from appliance.lab.runtime_services import runtime_services
 from appliance.lab.services import EmbeddedService, Health, OpenBao, process_services
 from appliance.lab.state import LabState
 from appliance.site import Site
+from runtime.common.audit import AuditDbBusy
 
 Progress = Callable[[str], None]
 
@@ -69,8 +72,9 @@ def _start(service: EmbeddedService, progress: Progress) -> None:
 def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
     report = UpReport()
     started_now: list[EmbeddedService] = []
-    try:
-        for service in process_services(site, state):
+
+    def ensure(services: list[EmbeddedService]) -> None:
+        for service in services:
             if process.running(state, service.name) is not None:
                 health = service.check()
                 if health.ok:
@@ -81,8 +85,13 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
             started_now.append(service)
             _start(service, progress)
             report.started.append(service.name)
+
+    try:
+        ensure(process_services(site, state))
         progress("bootstrapping PKI, secrets and buckets")
         report.bootstrap = bootstrap.run(site, state)
+        # The runtime needs what the bootstrap made (certificates, license, keys in Vault).
+        ensure(runtime_services(site, state))
         report.health = status(site, state)
     except BaseException:
         # All or nothing: do not leave what this call started running behind a failed `up`.
@@ -112,17 +121,37 @@ def _in_process_health(site: Site, state: LabState) -> list[Health]:
         except Exception as exc:  # noqa: BLE001 - any failure of the embedded store is a failed check
             out.append(Health("vectors", False, f"Milvus Lite: {exc}", str(backends.milvus_lite_path())))
     if site.services.audit_db.backend == "embedded":
-        try:
-            version = backends.audit_db().query("SELECT version()").result_rows[0][0]
-            out.append(Health("audit_db", True, f"chDB (ClickHouse {version})", f"chdb://{backends.chdb_path()}"))
-        except Exception as exc:  # noqa: BLE001
-            out.append(Health("audit_db", False, f"chDB: {exc}", f"chdb://{backends.chdb_path()}"))
+        out.append(_chdb_health(backends))
     return out
+
+
+def _chdb_health(backends: Backends) -> Health:
+    """chDB admits one process at a time and the gateway takes it for each audit batch (~80 ms): wait a turn."""
+    endpoint = f"chdb://{backends.chdb_path()}"
+    for _ in range(30):
+        try:
+            client = backends.audit_db()
+        except AuditDbBusy:
+            time.sleep(0.1)
+            continue
+        try:
+            version = client.query("SELECT version()").result_rows[0][0]
+        except Exception as exc:  # noqa: BLE001 - any failure of the embedded store is a failed check
+            return Health("audit_db", False, f"chDB: {exc}", endpoint)
+        finally:
+            client.close()
+        return Health("audit_db", True, f"chDB (ClickHouse {version})", endpoint)
+    return Health("audit_db", False, "chDB stayed held by another process for 3 s", endpoint)
+
+
+def all_services(site: Site, state: LabState) -> list[EmbeddedService]:
+    """Every process the lab runs, in start order."""
+    return process_services(site, state) + runtime_services(site, state)
 
 
 def status(site: Site, state: LabState) -> list[Health]:
     out: list[Health] = []
-    for service in process_services(site, state):
+    for service in all_services(site, state):
         if process.running(state, service.name) is None:
             out.append(Health(service.name, False, "not running", service.endpoint))
         else:
@@ -138,7 +167,7 @@ class DownReport:
 
 def down(site: Site, state: LabState) -> DownReport:
     report = DownReport()
-    for service in reversed(process_services(site, state)):
+    for service in reversed(all_services(site, state)):
         if process.stop(state, service.name):
             report.stopped.append(service.name)
     report.strays_killed = process.kill_strays(state)

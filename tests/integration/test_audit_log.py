@@ -97,7 +97,9 @@ def _verify(path: Path, table: str, expected_head: Head | None, page_size: int) 
         client.close()
 
 
-def verify(path: Path, *, table: str = "audit_log", expected_head: Head | None = None, page_size: int = 7) -> VerifyResult:
+def verify(
+    path: Path, *, table: str = "audit_log", expected_head: Head | None = None, page_size: int = 7
+) -> VerifyResult:
     return isolated(_verify, path, table, expected_head, page_size)
 
 
@@ -133,7 +135,9 @@ def _rehash_row(path: Path, seq: int) -> None:
 
     client = _client(path)
     try:
-        client.command(f"ALTER TABLE audit_log UPDATE reason = 'nothing to see' WHERE seq = {seq}", settings={"mutations_sync": 2})
+        client.command(
+            f"ALTER TABLE audit_log UPDATE reason = 'nothing to see' WHERE seq = {seq}", settings={"mutations_sync": 2}
+        )
         row = next(r for r in iter_rows(client) if r.seq == seq)
         digest = row_hash(row, row.prev_hash)
         client.command(
@@ -182,7 +186,9 @@ def _batching(path: Path) -> dict[str, Any]:
         out["after_close"] = count()
         by_size.close()  # idempotent
 
-        by_time = AuditWriter.for_dsn(f"chdb://{path}", pseudonym_key=KEY, batch_size=1000, flush_interval_s=0.2).start()
+        by_time = AuditWriter.for_dsn(
+            f"chdb://{path}", pseudonym_key=KEY, batch_size=1000, flush_interval_s=0.2
+        ).start()
         submitted = time.monotonic()
         for i in range(25, 28):
             by_time.submit(event(i))
@@ -229,8 +235,12 @@ def _retry_after_the_db_comes_back(path: Path) -> dict[str, Any]:
         f"chdb://{path}", pseudonym_key=KEY, batch_size=5, flush_interval_s=0.05, retry_max_s=0.2
     ).start()
     holder = sp.Popen(
-        [sys.executable, "-c", f"import clickhouse_connect, time; c = clickhouse_connect.get_client(dsn='chdb://{path}');"
-         " print('held', flush=True); time.sleep(2)"],
+        [
+            sys.executable,
+            "-c",
+            f"import clickhouse_connect, time; c = clickhouse_connect.get_client(dsn='chdb://{path}');"
+            " print('held', flush=True); time.sleep(2)",
+        ],
         stdout=sp.PIPE,
         text=True,
     )
@@ -243,8 +253,11 @@ def _retry_after_the_db_comes_back(path: Path) -> dict[str, Any]:
     writer.close()
     client = _client(path)
     try:
-        return {"during": during, "count": int(client.command("SELECT count() FROM audit_log")),
-                "verify": verify_chain(client)}
+        return {
+            "during": during,
+            "count": int(client.command("SELECT count() FROM audit_log")),
+            "verify": verify_chain(client),
+        }
     finally:
         client.close()
 
@@ -445,8 +458,12 @@ def test_cli_verify_gives_up_clearly_when_another_process_keeps_the_db(lab: tupl
     site, db = lab
     write(db, 0, 3)
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import clickhouse_connect, time; c = clickhouse_connect.get_client(dsn='chdb://{db}');"
-         " print('held', flush=True); time.sleep(60)"],
+        [
+            sys.executable,
+            "-c",
+            f"import clickhouse_connect, time; c = clickhouse_connect.get_client(dsn='chdb://{db}');"
+            " print('held', flush=True); time.sleep(60)",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -35,20 +35,21 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, LabSta
     state = LabState.at(site.lab.state_dir)
     try:
         report = lifecycle.up(site, state)
-        assert sorted(report.started) == ["llm", "openbao", "s3"]
+        assert sorted(report.started) == ["core", "gateway", "llm", "openbao", "s3"]
         yield site, state
     finally:
         lifecycle.down(site, state)
 
 
 def _pids(state: LabState) -> dict[str, int]:
-    return {name: rec.pid for name in ("openbao", "s3", "llm") if (rec := process.running(state, name))}
+    names = ("openbao", "s3", "llm", "core", "gateway")
+    return {name: rec.pid for name in names if (rec := process.running(state, name))}
 
 
 def test_up_starts_every_service_and_each_answers_a_real_request(lab: tuple[Site, LabState]) -> None:
     site, state = lab
     health = {h.name: h for h in lifecycle.status(site, state)}
-    assert set(health) == {"openbao", "s3", "llm", "vectors", "audit_db"}
+    assert set(health) == {"openbao", "s3", "llm", "core", "gateway", "vectors", "audit_db"}
     assert all(h.ok for h in health.values()), health
     assert "TLS" in health["openbao"].detail
 
@@ -58,7 +59,7 @@ def test_up_twice_is_a_no_op(lab: tuple[Site, LabState]) -> None:
     before = _pids(state)
     report = lifecycle.up(site, state)
     assert not report.changed, (report.started, report.bootstrap)
-    assert report.already_running == ["openbao", "s3", "llm"]
+    assert report.already_running == ["openbao", "s3", "llm", "core", "gateway"]
     assert _pids(state) == before
 
 
@@ -210,10 +211,13 @@ def test_in_process_backends_store_and_query(lab: tuple[Site, LabState]) -> None
         milvus.close()
 
     chdb = backends.audit_db()
-    chdb.command("CREATE TABLE IF NOT EXISTS probe (n UInt32) ENGINE = MergeTree ORDER BY n")
-    chdb.insert("probe", [[1], [2], [3]], column_names=["n"])
-    assert chdb.query("SELECT sum(n) FROM probe").result_rows[0][0] == 6
-    chdb.command("DROP TABLE probe")
+    try:
+        chdb.command("CREATE TABLE IF NOT EXISTS probe (n UInt32) ENGINE = MergeTree ORDER BY n")
+        chdb.insert("probe", [[1], [2], [3]], column_names=["n"])
+        assert chdb.query("SELECT sum(n) FROM probe").result_rows[0][0] == 6
+        chdb.command("DROP TABLE probe")
+    finally:
+        chdb.close()  # chDB admits one path per process and one process per path: release it
 
 
 def test_a_dead_service_is_reported_and_repaired_by_up(lab: tuple[Site, LabState]) -> None:
@@ -256,7 +260,7 @@ def test_cli_up_status_down_and_nothing_left_behind(tmp_path: Path) -> None:
     up = _cli("lab", "up", "--site", str(site_file))
     assert up.returncode == 0, up.stderr
     assert "Traceback" not in up.stdout + up.stderr
-    for name in ("openbao", "s3", "llm", "vectors", "audit_db"):
+    for name in ("openbao", "s3", "llm", "core", "gateway", "vectors", "audit_db"):
         assert name in up.stdout
     assert _cli("lab", "status", "--site", str(site_file)).returncode == 0
 

@@ -1,0 +1,142 @@
+"""The appliance's own runtime in the lab: the core server and the gateway, as supervised processes.
+
+They start after the embedded services and the bootstrap (they need certificates, the license and the
+secrets). The lab plays the Vault agent: it reads the audit key from OpenBao and hands it to the gateway
+through its environment, never through a file. Health is a real mTLS request with the lab's operator
+certificate.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+
+from appliance import atomic
+from appliance.backends import Backends
+from appliance.lab import bootstrap
+from appliance.lab.services import EmbeddedService, Health
+from appliance.lab.state import LabState
+from appliance.site import Site
+from runtime.common.tls import TlsFiles, client_context
+
+AUDIT_KEY_ENV = "MEMBRIA_AUDIT_HMAC_KEY"
+
+
+def admin_tls(state: LabState) -> TlsFiles:
+    cert, key = bootstrap.cert_paths(state, "lab-admin")
+    return TlsFiles(cert=cert, key=key, ca=bootstrap.ca_chain_path(state))
+
+
+def service_tls(state: LabState, name: str) -> TlsFiles:
+    cert, key = bootstrap.cert_paths(state, name)
+    return TlsFiles(cert=cert, key=key, ca=bootstrap.ca_chain_path(state))
+
+
+class _RuntimeService(EmbeddedService):
+    start_timeout = 180.0  # the core server loads the embedding model first
+
+    @property
+    def config_file(self) -> Path:
+        return self.state.root / "config" / f"{self.name}.json"
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://{self._url_host()}:{self.port}"
+
+    def _write_config(self, config: dict[str, object]) -> None:
+        atomic.write_text(self.config_file, json.dumps(config, indent=2, default=str) + "\n")
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", f"runtime.{self.name}", "--config", str(self.config_file)]
+
+    def _get(self, path: str) -> httpx.Response:
+        with httpx.Client(verify=client_context(admin_tls(self.state)), timeout=5) as client:
+            return client.get(f"{self.endpoint}{path}")
+
+
+class CoreServer(_RuntimeService):
+    name = "core"
+
+    @property
+    def port(self) -> int:
+        return self.site.lab.ports.core
+
+    def prepare(self) -> None:
+        backends = Backends(self.site, self.state)
+        llm = backends.llm()
+        tls = service_tls(self.state, "core")
+        self._write_config(
+            {
+                "host": self.host,
+                "port": self.port,
+                "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca},
+                "milvus_uri": str(self.state.data_dir / "core-milvus.db"),
+                "cache_path": str(self.state.data_dir / "core-cache.sqlite"),
+                "llm": {"base_url": llm.base_url, "model": llm.model, "prompt_style": "completion"},
+                "gateway_subject_prefix": f"gateway.{self.site.site.domain}",
+            }
+        )
+
+    def check(self) -> Health:
+        # The core server answers only the gateway; its liveness route is open to any site certificate.
+        try:
+            response = self._get("/healthz")
+        except (httpx.HTTPError, OSError) as exc:
+            return Health(self.name, False, f"no answer: {exc}", self.endpoint)
+        if response.status_code != 200:
+            return Health(self.name, False, f"HTTP {response.status_code}", self.endpoint)
+        return Health(self.name, True, "core server (mTLS)", self.endpoint)
+
+
+class Gateway(_RuntimeService):
+    name = "gateway"
+
+    @property
+    def port(self) -> int:
+        return self.site.lab.ports.gateway
+
+    def prepare(self) -> None:
+        tls = service_tls(self.state, "gateway")
+        licensing = self.site.licensing
+        token_pub = self.state.pki_dir / "service-token.pub"
+        backends = Backends(self.site, self.state)
+        atomic.write_bytes(
+            token_pub,
+            bootstrap.public_pem(bootstrap.ed25519_from_vault(backends, bootstrap.SERVICE_TOKEN_KEY_PATH)),
+        )
+        self._write_config(
+            {
+                "host": self.host,
+                "port": self.port,
+                "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca, "crl": bootstrap.crl_path(self.state)},
+                "core_url": CoreServer(self.site, self.state).endpoint,
+                "rbac_policy": self.site.rbac.policy_file,
+                "license_file": licensing.license_file,
+                "license_public_key": licensing.public_key_file or licensing.license_file.with_name("signing.pub"),
+                "service_token_public_key": token_pub,
+                "state_dir": self.state.data_dir / "gateway",
+                "audit": {"dsn": f"chdb://{backends.chdb_path()}", "hmac_key_env": AUDIT_KEY_ENV},
+                "models": [backends.llm().model],
+            }
+        )
+        self._audit_key = backends.read_secret(bootstrap.AUDIT_HMAC_PATH)["key_hex"]
+
+    def env(self) -> dict[str, str]:
+        return {AUDIT_KEY_ENV: self._audit_key}
+
+    def check(self) -> Health:
+        try:
+            response = self._get("/readyz")
+        except (httpx.HTTPError, OSError) as exc:
+            return Health(self.name, False, f"no answer: {exc}", self.endpoint)
+        if response.status_code != 200:
+            return Health(self.name, False, f"not ready: {response.text[:200]}", self.endpoint)
+        days = response.json().get("license_days_left")
+        return Health(self.name, True, f"mTLS, TLS 1.3, license {days} days left", self.endpoint)
+
+
+def runtime_services(site: Site, state: LabState) -> list[EmbeddedService]:
+    return [CoreServer(site, state), Gateway(site, state)]

@@ -1,0 +1,454 @@
+"""The gateway's HTTP application: every route authenticates, authorizes (deny by default), is rate
+limited and leaves one audit row. It forwards to the core server over mTLS with its own certificate.
+
+Authentication: the verified client certificate (CN = user or device id, OU = departments, O = kind),
+or, for service accounts without a certificate, a short-lived EdDSA bearer token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from runtime.common import service_tokens
+from runtime.common.identity import Identity, NotAnIdentity, identity_from_certificate
+from runtime.common.license import License, SeatLedger
+from runtime.common.rbac import Action, Policy, decide
+from runtime.common.tls import client_context, peer_certificate
+from runtime.gateway.ratelimit import RateLimiter, retry_after_header
+from runtime.gateway.revocation import RevocationList
+from runtime.gateway.settings import GatewaySettings
+
+AuditSubmit = Callable[[dict[str, Any]], None]
+
+
+# --- request bodies (OpenAI-compatible where the route is) --------------------------------------------
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (name, tool ids)
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=32_000)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=100)
+    stream: bool = False
+    max_tokens: int = Field(default=256, ge=1, le=4096)
+    temperature: float = Field(default=0.2, ge=0, le=2)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str] = Field(min_length=1)
+
+
+class SearchRequest(Strict):
+    query: str = Field(min_length=1, max_length=4000)
+    departments: list[str] | None = Field(default=None, max_length=50)
+    top_k: int = Field(default=5, ge=1, le=50)
+
+
+# --- per-request context ------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditContext:
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    identity: Identity | None = None
+    decision: str = "deny"
+    reason: str = ""
+    model: str = ""
+    departments: tuple[str, ...] = ()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _ctx(request: Request) -> AuditContext:
+    ctx: AuditContext | None = getattr(request.state, "audit", None)
+    if ctx is None:
+        ctx = request.state.audit = AuditContext()
+    return ctx
+
+
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class GatewayError(HTTPException):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+
+
+# --- the application ------------------------------------------------------------------------------------
+
+
+@dataclass
+class GatewayDeps:
+    """What the app needs besides its settings; built by `runtime.gateway.__main__` (or a test)."""
+
+    settings: GatewaySettings
+    policy: Policy
+    license: License
+    seats: SeatLedger
+    audit: AuditSubmit
+    core: httpx.AsyncClient | None = None
+
+
+def create_app(deps: GatewayDeps) -> FastAPI:
+    settings = deps.settings
+    limiter = RateLimiter(settings.rate_limit.rate_per_second, settings.rate_limit.burst)
+    revoked = RevocationList(settings.tls.crl)
+    token_key = (
+        load_pem_public_key(settings.service_token_public_key.read_bytes())
+        if settings.service_token_public_key
+        else None
+    )
+    registry = CollectorRegistry()
+    requests_total = Counter(
+        "membria_gateway_requests_total", "Requests by route and status", ["route", "status"], registry=registry
+    )
+    latency = Histogram("membria_gateway_request_seconds", "Request latency", ["route"], registry=registry)
+    decisions = Counter("membria_gateway_decisions_total", "Authorization decisions", ["decision"], registry=registry)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if deps.core is None:
+            deps.core = httpx.AsyncClient(
+                base_url=settings.core_url,
+                verify=client_context(settings.tls.files()),
+                timeout=settings.core_timeout_seconds,
+            )
+        yield
+        await deps.core.aclose()
+
+    app = FastAPI(
+        title="Membria gateway",
+        version="1.0",
+        description="mTLS front door of the Membria core node: OpenAI-compatible chat and embeddings, "
+        "department-scoped knowledge. Every call is authenticated, authorized, rate limited and audited.",
+        lifespan=lifespan,
+    )
+
+    # -- middleware: body limit, then audit + metrics around everything ----------------------------------
+
+    class AuditMiddleware(BaseHTTPMiddleware):
+        async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+            started = time.perf_counter()
+            ctx = _ctx(request)
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                response = _error(
+                    413, "body_too_large", f"request bodies are limited to {settings.max_body_bytes} bytes"
+                )
+            else:
+                response = await call_next(request)
+            elapsed = time.perf_counter() - started
+            route = request.scope.get("route")
+            route_path = getattr(route, "path", request.url.path if response.status_code != 404 else "unmatched")
+            requests_total.labels(route_path, str(response.status_code)).inc()
+            latency.labels(route_path).observe(elapsed)
+            if route_path not in ("/healthz", "/metrics"):
+                _submit_audit(request, ctx, route_path, response.status_code, elapsed)
+            response.headers["x-request-id"] = ctx.request_id
+            return response
+
+    def _submit_audit(request: Request, ctx: AuditContext, route: str, status: int, elapsed: float) -> None:
+        ident = ctx.identity
+        deps.audit(
+            {
+                "request_id": ctx.request_id,
+                "subject": ident.subject if ident else "",
+                "device": ident.subject if ident and ident.kind == "device" else "",
+                "departments": list(ctx.departments or (ident.departments if ident else ())),
+                "route": route,
+                "method": request.method,
+                "model": ctx.model,
+                "decision": ctx.decision if status < 500 else "error",
+                "reason": ctx.reason,
+                "prompt_tokens": ctx.prompt_tokens,
+                "completion_tokens": ctx.completion_tokens,
+                "latency_ms": round(elapsed * 1000, 3),
+                "status": status,
+            }
+        )
+
+    app.add_middleware(AuditMiddleware)
+
+    # -- errors: always JSON, never a 500 for bad input ------------------------------------------------------
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return _error(exc.status_code, exc.code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()[:20]
+        ]
+        return JSONResponse(
+            {"error": {"code": "invalid_request", "message": "invalid request", "problems": problems}}, 422
+        )
+
+    # -- authentication, authorization, rate limiting -----------------------------------------------------
+
+    def authenticate(request: Request) -> Identity:
+        ctx = _ctx(request)
+        cert = peer_certificate(request.scope)
+        if cert is not None:
+            try:
+                ident = identity_from_certificate(cert)
+            except NotAnIdentity as exc:
+                ctx.reason = str(exc)
+                raise GatewayError(403, "not_an_identity", str(exc)) from exc
+            if revoked.is_revoked(ident.cert_serial):
+                ctx.reason = "certificate revoked"
+                raise GatewayError(401, "certificate_revoked", "the client certificate has been revoked")
+        else:
+            auth = request.headers.get("authorization", "")
+            if not auth.lower().startswith("bearer ") or token_key is None:
+                ctx.reason = "no client certificate and no bearer token"
+                raise GatewayError(401, "unauthenticated", "a client certificate or a service token is required")
+            try:
+                ident = service_tokens.verify(auth[7:].strip(), token_key)  # type: ignore[arg-type]
+            except service_tokens.TokenRejected as exc:
+                ctx.reason = str(exc)
+                raise GatewayError(401, "unauthenticated", str(exc)) from exc
+        ctx.identity = ident
+        if ident.kind == "device" and not deps.seats.admit(ident.subject):
+            ctx.reason = "license seat limit reached"
+            raise GatewayError(403, "seat_limit", f"the license allows {deps.license.seats} devices; all are taken")
+        wait = limiter.take(ident.key)
+        if wait > 0:
+            ctx.decision, ctx.reason = "rate_limited", "rate limit"
+            decisions.labels("rate_limited").inc()
+            raise GatewayError(
+                429, "rate_limited", "too many requests", headers={"Retry-After": retry_after_header(wait)}
+            )
+        return ident
+
+    def authorize(
+        request: Request, ident: Identity, action: Action, departments: list[str] | None = None
+    ) -> tuple[str, ...]:
+        """Deny by default; returns the departments this call may touch."""
+        ctx = _ctx(request)
+        decision = decide(deps.policy, ident, action, departments or ())
+        ctx.decision = "allow" if decision.allowed else "deny"
+        ctx.reason = decision.reason
+        decisions.labels(ctx.decision).inc()
+        if not decision.allowed:
+            raise GatewayError(403, "forbidden", decision.reason)
+        scope = tuple(departments) if departments else tuple(decision.allowed_departments)
+        ctx.departments = scope
+        return scope
+
+    def check_model(request: Request, model: str) -> None:
+        _ctx(request).model = model
+        if model not in settings.models:
+            raise GatewayError(404, "model_not_found", f"unknown model {model!r}; served: {', '.join(settings.models)}")
+
+    async def core_call(method: str, path: str, **kwargs: Any) -> httpx.Response:
+        assert deps.core is not None
+        try:
+            response = await deps.core.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise GatewayError(
+                503, "core_unavailable", f"the core server is unavailable: {type(exc).__name__}"
+            ) from exc
+        if response.status_code >= 500:
+            raise GatewayError(502, "core_error", f"the core server failed (HTTP {response.status_code})")
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail") or response.json().get("error", {}).get("message")
+            except ValueError:
+                detail = response.text[:200]
+            raise GatewayError(response.status_code, "core_refused", str(detail))
+        return response
+
+    Authenticated = Depends(authenticate)
+
+    # -- routes ------------------------------------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        assert deps.core is not None
+        try:
+            core = await deps.core.get("/readyz", timeout=5)
+            ready = core.status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        days_left = (deps.license.expires_at - _now()).days
+        body = {"status": "ready" if ready else "not ready", "core": ready, "license_days_left": days_left}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
+    async def chat_completions(
+        body: ChatRequest, request: Request, ident: Identity = Authenticated
+    ) -> JSONResponse | StreamingResponse:
+        check_model(request, body.model)
+        scope = authorize(request, ident, "chat")
+        question = next((m.content for m in reversed(body.messages) if m.role == "user"), "")
+        if not question.strip():
+            raise GatewayError(422, "invalid_request", "the conversation has no user message")
+        payload = {
+            "question": question,
+            "departments": list(scope),
+            "max_tokens": body.max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+        }
+        created = int(time.time())
+        completion_id = f"chatcmpl-{_ctx(request).request_id}"
+        if body.stream:
+            return StreamingResponse(
+                _stream_chat(request, payload, body.model, completion_id, created), media_type="text/event-stream"
+            )
+        answer = (await core_call("POST", "/internal/rag", json={**payload, "stream": False})).json()
+        ctx = _ctx(request)
+        usage = answer.get("usage") or {}
+        ctx.prompt_tokens = int(usage.get("prompt_tokens", 0))
+        ctx.completion_tokens = int(usage.get("completion_tokens", 0))
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": answer["answer"]}, "finish_reason": "stop"}
+                ],
+                "usage": {
+                    "prompt_tokens": ctx.prompt_tokens,
+                    "completion_tokens": ctx.completion_tokens,
+                    "total_tokens": ctx.prompt_tokens + ctx.completion_tokens,
+                },
+                "membria": {"sources": answer.get("sources", []), "cached": answer.get("cached", False)},
+            }
+        )
+
+    async def _stream_chat(
+        request: Request, payload: dict[str, Any], model: str, completion_id: str, created: int
+    ) -> AsyncIterator[bytes]:
+        assert deps.core is not None
+
+        def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+            body = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        yield chunk({"role": "assistant"})
+        try:
+            async with deps.core.stream("POST", "/internal/rag", json={**payload, "stream": True}) as upstream:
+                if upstream.status_code != 200:
+                    yield chunk({"content": ""}, "error")
+                    return
+                async for line in upstream.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    if event.get("delta"):
+                        _ctx(request).completion_tokens += 1
+                        yield chunk({"content": event["delta"]})
+        except httpx.HTTPError:
+            yield chunk({"content": ""}, "error")
+            yield b"data: [DONE]\n\n"
+            return
+        yield chunk({}, "stop")
+        yield b"data: [DONE]\n\n"
+
+    @app.post("/v1/embeddings", tags=["openai"])
+    async def embeddings(body: EmbeddingsRequest, request: Request, ident: Identity = Authenticated) -> JSONResponse:
+        _ctx(request).model = body.model
+        authorize(request, ident, "embeddings", None)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if len(texts) > 256 or any(len(t) > 20_000 for t in texts):
+            raise GatewayError(413, "too_large", "at most 256 inputs of 20000 characters each")
+        result = (await core_call("POST", "/internal/embeddings", json={"input": texts})).json()
+        return JSONResponse(result)
+
+    @app.post("/v1/knowledge/documents", tags=["knowledge"])
+    async def upload_document(
+        request: Request,
+        file: UploadFile = File(...),
+        department: str = Form(..., min_length=1, max_length=64),
+        doc_id: str | None = Form(None, max_length=200),
+        title: str | None = Form(None, max_length=500),
+        ident: Identity = Authenticated,
+    ) -> JSONResponse:
+        authorize(request, ident, "write_documents", [department])
+        content = await file.read(settings.max_body_bytes + 1)
+        if len(content) > settings.max_body_bytes:
+            raise GatewayError(413, "body_too_large", "document too large")
+        form: dict[str, str] = {"department": department}
+        if doc_id:
+            form["doc_id"] = doc_id
+        if title:
+            form["title"] = title
+        files = {"file": (file.filename or "upload", content, file.content_type or "application/octet-stream")}
+        result = await core_call("POST", "/internal/documents", data=form, files=files)
+        return JSONResponse(result.json(), status_code=201)
+
+    @app.get("/v1/knowledge/documents", tags=["knowledge"])
+    async def list_documents(department: str, request: Request, ident: Identity = Authenticated) -> JSONResponse:
+        authorize(request, ident, "read_documents", [department])
+        result = await core_call("GET", "/internal/documents", params={"department": department})
+        return JSONResponse(result.json())
+
+    @app.post("/v1/knowledge/search", tags=["knowledge"])
+    async def search(body: SearchRequest, request: Request, ident: Identity = Authenticated) -> JSONResponse:
+        scope = authorize(request, ident, "search", body.departments)
+        result = await core_call(
+            "POST", "/internal/search", json={"query": body.query, "departments": list(scope), "top_k": body.top_k}
+        )
+        return JSONResponse(result.json())
+
+    return app
+
+
+def _now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC)
