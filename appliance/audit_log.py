@@ -16,6 +16,7 @@ from appliance.backends import Backends
 from appliance.errors import CheckFailed, ServiceError
 from runtime.common.audit import (
     DEFAULT_TABLE,
+    AuditDbBusy,
     Head,
     VerifyResult,
     chdb_engine_holder,
@@ -49,6 +50,8 @@ def open_audit_db(backends: Backends, *, wait_s: float = 30.0) -> Client:
         if holder is None:
             try:
                 return backends.audit_db()
+            except AuditDbBusy as exc:  # taken between the probe and the open
+                holder = exc.pid
             except Exception as exc:
                 if not is_engine_lock_error(exc):
                     raise ServiceError(f"cannot open the embedded audit DB at {path}: {exc}") from exc

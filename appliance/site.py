@@ -301,6 +301,9 @@ class Lab(Strict):
         default=Path(".lab"), description="logs, pid files and data; relative to the working directory"
     )
     ports: LabPorts = Field(default_factory=LabPorts)
+    corpus_dir: Pathname = Field(
+        default=Path("examples/corpus"), description="<department>/<files> loaded through the gateway on `lab up`"
+    )
 
 
 # --- the site --------------------------------------------------------------------------------------

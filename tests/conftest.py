@@ -38,6 +38,7 @@ def lab_site_data(state_dir: Path) -> dict[str, Any]:
         "host": "127.0.0.1",
         "state_dir": str(state_dir),
         "ports": {name: free_port() for name in ("openbao", "s3", "llm", "core", "gateway")},
+        "corpus_dir": str(EXAMPLES / "corpus"),
     }
     return data
 

@@ -45,6 +45,10 @@ def up(site_file: Path = SiteOption, state_dir: Path | None = StateDirOption) ->
         print_ok(f"started {name}")
     for step in report.bootstrap:
         print_ok(step)
+    if report.ingest is not None:
+        print_ok(f"corpus: {report.ingest.files} files, {report.ingest.changed} new or changed")
+    for check in report.smoke:
+        print_ok(f"smoke: {check.name} — {check.detail}")
     if not report.changed:
         print_ok("already up; nothing changed")
     console.print(_health_table(report.health, f"Lab '{site.site.name}' — state in {state.root}"))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import botocore.exceptions
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -80,14 +81,23 @@ def run(site: Site, state: LabState) -> list[str]:
 # --- certificates -------------------------------------------------------------------------------------------
 
 
-def _chains_to(cert_file: Path, chain_pem: str, min_validity: dt.timedelta) -> bool:
+def chains_to(cert_file: Path, chain_pem: str, min_validity: dt.timedelta) -> bool:
     try:
         leaf = x509.load_pem_x509_certificate(cert_file.read_bytes())
     except (OSError, ValueError):
         return False
     chain = x509.load_pem_x509_certificates(chain_pem.encode())
-    issuer_ok = any(c.subject == leaf.issuer for c in chain)
+    # Names alone are not enough: a restarted dev OpenBao makes a new CA with the same name.
+    issuer_ok = any(_signed_by(leaf, ca) for ca in chain)
     return issuer_ok and leaf.not_valid_after_utc - dt.datetime.now(dt.UTC) > min_validity
+
+
+def _signed_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        leaf.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def write_crl(state: LabState, pki: Pki) -> None:
@@ -111,7 +121,7 @@ def _ensure_certificates(site: Site, state: LabState, pki: Pki) -> list[str]:
     write_crl(state, pki)
     for spec in service_certs(site):
         cert_file, _ = cert_paths(state, spec.name)
-        if _chains_to(cert_file, chain, dt.timedelta(hours=2)):
+        if chains_to(cert_file, chain, dt.timedelta(hours=2)):
             continue
         server = spec.role in ("gateway", "core")
         issued = pki.issue(

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.backends import Backends
-from appliance.errors import MissingEnvironment, ServiceError
-from appliance.lab import bootstrap, process
+from appliance.errors import CheckFailed, MissingEnvironment, ServiceError
+from appliance.lab import bootstrap, process, smoke
 from appliance.lab.runtime_services import runtime_services
 from appliance.lab.services import EmbeddedService, Health, OpenBao, process_services
 from appliance.lab.state import LabState
@@ -34,10 +34,12 @@ class UpReport:
     already_running: list[str] = field(default_factory=list)
     bootstrap: list[str] = field(default_factory=list)
     health: list[Health] = field(default_factory=list)
+    ingest: smoke.IngestSummary | None = None
+    smoke: list[smoke.SmokeStep] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.started or self.bootstrap)
+        return bool(self.started or self.bootstrap or (self.ingest and self.ingest.changed))
 
 
 def _start(service: EmbeddedService, progress: Progress) -> None:
@@ -93,6 +95,11 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
         # The runtime needs what the bootstrap made (certificates, license, keys in Vault).
         ensure(runtime_services(site, state))
         report.health = status(site, state)
+        if all(h.ok for h in report.health):
+            progress(f"loading {site.lab.corpus_dir} through the gateway")
+            report.ingest = smoke.ingest_corpus(site, state, site.lab.corpus_dir)
+            progress("smoke: an answer, a refusal and their audit rows")
+            report.smoke = smoke.run(site, state)
     except BaseException:
         # All or nothing: do not leave what this call started running behind a failed `up`.
         for service in reversed(started_now):
@@ -101,6 +108,9 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
     failing = [h for h in report.health if not h.ok]
     if failing:
         raise ServiceError("lab is up but unhealthy: " + "; ".join(f"{h.name}: {h.detail}" for h in failing))
+    failed_steps = [s for s in report.smoke if not s.ok]
+    if failed_steps:
+        raise CheckFailed("lab smoke failed: " + "; ".join(f"{s.name}: {s.detail}" for s in failed_steps))
     return report
 
 

@@ -402,10 +402,8 @@ def iter_rows(client: Client, table: str = DEFAULT_TABLE, *, page_size: int = 10
             sql = f"SELECT {_SELECT_COLUMNS} FROM {quoted} ORDER BY seq, row_hash LIMIT {int(page_size)}"  # noqa: S608
             params: dict[str, Any] = {}
         else:
-            sql = (  # noqa: S608 - the table name is validated by quote_table, values are bound
-                f"SELECT {_SELECT_COLUMNS} FROM {quoted} WHERE seq >= {{s:UInt64}} "
-                f"AND (seq, row_hash) > ({{s:UInt64}}, {{h:String}}) ORDER BY seq, row_hash LIMIT {int(page_size)}"
-            )
+            after = "seq >= {s:UInt64} AND (seq, row_hash) > ({s:UInt64}, {h:String})"
+            sql = f"SELECT {_SELECT_COLUMNS} FROM {quoted} WHERE {after} ORDER BY seq, row_hash LIMIT {int(page_size)}"  # noqa: S608
             params = {"s": last[0], "h": last[1]}
         page = client.query(sql, parameters=params).result_rows
         for values in page:

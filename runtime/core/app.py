@@ -128,12 +128,19 @@ class SearchResponse(BaseModel):
     mode: SearchMode
 
 
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
 class RagResponse(BaseModel):
     answer: str
     sources: list[Source]
     cached: bool
     model: str
     finish_reason: str | None
+    usage: Usage
 
 
 # -- the gateway check ----------------------------------------------------------------------------------
@@ -302,6 +309,11 @@ def create_app(settings: CoreSettings, *, service: CoreService | None = None) ->
             cached=answer.cached,
             model=answer.model,
             finish_reason=answer.finish_reason,
+            usage=Usage(
+                prompt_tokens=answer.prompt_tokens,
+                completion_tokens=answer.completion_tokens,
+                total_tokens=answer.prompt_tokens + answer.completion_tokens,
+            ),
         )
 
     @internal.post("/embeddings")

@@ -12,10 +12,11 @@ Chunking is paragraph- and heading-aware and aims at ~`target_chars` (800) per c
 - paragraphs (blank-line separated; fenced code blocks and lists stay whole) are packed into a chunk
   up to the target; a paragraph longer than the target is split at sentence boundaries into windows
   that overlap by ~`overlap_chars` (the small overlap keeps a sentence that straddles a cut findable);
-- a chunk that already holds half the target also ends after a *cut paragraph*, one whose content
-  hash is even. Greedy packing alone would shift every later boundary when one paragraph grows; with
-  content-defined cuts the boundaries re-synchronise right after an edit, so an edit changes the
-  chunks around it and not the rest of the document.
+- boundaries are content-defined: a *cut paragraph* (at least a quarter of the target long, with an
+  even content hash) always starts a new run of paragraphs, and runs are packed greedily up to the
+  target from their own start. Greedy packing of the whole document would shift every later
+  boundary when one paragraph grows or is inserted; with runs, an edit changes the chunks of its own
+  run (and at most a neighbour's, if the edit makes or unmakes a cut paragraph) and nothing else.
 
 Ids: `chunk_id = sha256(department, doc_id, normalized text, occurrence)`. The normalized text (NFKC,
 whitespace collapsed) makes re-wrapped lines or trailing spaces irrelevant; position is *not* part of
@@ -99,9 +100,9 @@ class ChunkingConfig:
             raise ValueError("overlap_chars must be between 0 and a third of target_chars")
 
     @property
-    def min_chars(self) -> int:
-        """A chunk may end at a content-defined cut once it holds this much."""
-        return self.target_chars // 2
+    def min_cut_chars(self) -> int:
+        """Only a paragraph at least this long may start a run (so short lines do not become chunks)."""
+        return self.target_chars // 4
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def parse_document(
     if kind == "pdf":
         return _parse_pdf(data, filename, limits)
     text = _decode_text(data, filename)
-    title = None
+    title = _first_line_title(text) if kind == "txt" else None
     if kind == "md":
         text, title = _strip_front_matter(text)
         title = title or _first_h1(text)
@@ -214,6 +215,14 @@ def _strip_front_matter(text: str) -> tuple[str, str | None]:
     title_match = _FRONT_TITLE_RE.search(match.group(1))
     title = title_match.group(1).strip("'\"") if title_match else None
     return text[match.end() :], title or None
+
+
+def _first_line_title(text: str) -> str | None:
+    """A plain-text document's title: a short first line followed by a blank line."""
+    lines = text.lstrip("\n").split("\n", 2)
+    if len(lines) >= 2 and not lines[1].strip() and 0 < len(lines[0].strip()) <= 120:
+        return lines[0].strip()
+    return None
 
 
 def _first_h1(text: str) -> str | None:
@@ -325,17 +334,30 @@ def _split_long(paragraph: str, config: ChunkingConfig) -> list[str]:
         if sentence:
             pieces.append(sentence)
     windows: list[str] = []
-    current = ""
+    current: list[str] = []
     for piece in pieces:
-        if current and len(current) + 1 + len(piece) > target:
-            windows.append(current)
-            current = _tail(current, overlap)
-            if current and len(current) + 1 + len(piece) > target:
-                current = ""
-        current = f"{current} {piece}" if current else piece
+        if current and len(" ".join([*current, piece])) > target:
+            windows.append(" ".join(current))
+            current = _overlap(current, overlap)
+            if current and len(" ".join([*current, piece])) > target:
+                current = []
+        current.append(piece)
     if current:
-        windows.append(current)
+        windows.append(" ".join(current))
     return windows
+
+
+def _overlap(pieces: list[str], limit: int) -> list[str]:
+    """The last whole sentences of a window that fit in `limit` chars, else the tail of the last one."""
+    kept: list[str] = []
+    for piece in reversed(pieces):
+        if len(" ".join([piece, *kept])) > limit:
+            break
+        kept.insert(0, piece)
+    if kept:
+        return kept
+    tail = _tail(pieces[-1], limit)
+    return [tail] if tail else []
 
 
 def _tail(text: str, limit: int) -> str:
@@ -376,13 +398,20 @@ def chunk_text(text: str, *, markdown: bool, config: ChunkingConfig | None = Non
             current.clear()
             size = 0
 
+        # Runs start at cut paragraphs (chosen by content alone), so an edit cannot move the runs
+        # around it; a run longer than the target is packed greedily from its own start.
+        runs: list[list[str]] = []
         for unit in units:
-            if current and size + 2 + len(unit) > config.target_chars:
-                flush()
-            current.append(unit)
-            size += len(unit) + (2 if size else 0)
-            if size >= config.min_chars and _is_cut(unit):
-                flush()
+            if not runs or (len(unit) >= config.min_cut_chars and _is_cut(unit)):
+                runs.append([])
+            runs[-1].append(unit)
+        for run in runs:
+            for unit in run:
+                if current and size + 2 + len(unit) > config.target_chars:
+                    flush()
+                current.append(unit)
+                size += len(unit) + (2 if size else 0)
+            flush()
         flush()
         units.clear()
 
@@ -425,6 +454,29 @@ def document_hash(title: str, texts: Iterable[str]) -> str:
     for text in texts:
         digest.update(b"\x1e" + normalize_text(text).encode())
     return digest.hexdigest()
+
+
+_IDENTIFIER_RE = re.compile(r"(?<![\w-])[A-Za-z0-9]+(?:[-_/][A-Za-z0-9]+)+(?![\w-])")
+
+
+def identifiers(text: str) -> list[str]:
+    """Codes like "VX-55", "MCC-3", "PO_2024/117" (segments joined by - _ /, with a digit somewhere),
+    fused and lower-cased: "vx55", "mcc3", "po2024117". In order, without repeats."""
+    seen: dict[str, None] = {}
+    for match in _IDENTIFIER_RE.finditer(text):
+        token = match.group(0)
+        if any(c.isdigit() for c in token):
+            seen.setdefault(re.sub(r"[-_/]", "", token).lower(), None)
+    return list(seen)
+
+
+def lexical_form(text: str) -> str:
+    """The text BM25 indexes (and the query it is searched with): the text plus its identifiers fused.
+
+    Milvus's standard analyzer splits "VX-55" into "vx" and "55", so BM25 alone cannot tell VX-55 from
+    VX-56 next to PG-55; the fused token "vx55" is rare and matches only the exact identifier."""
+    fused = identifiers(text)
+    return f"{text}\n{' '.join(fused)}" if fused else text
 
 
 def valid_doc_id(doc_id: str) -> bool:

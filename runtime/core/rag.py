@@ -24,7 +24,7 @@ INSTRUCTION = (
     "Be brief and factual. If the passages do not contain the answer, say that you do not know."
 )
 # A base model keeps writing after its answer; these end it where the prompt's pattern would repeat.
-STOP = ["\nQuestion:", "\nContext:", "\n\n\n"]
+STOP = ["\nQuestion:", "\nContext:", "\n\n[", "\n\n\n"]
 NO_CONTEXT = "(no passages matched in the departments you can access)"
 
 
@@ -45,6 +45,8 @@ class RagAnswer:
     cached: bool
     model: str
     finish_reason: str | None = None
+    prompt_tokens: int = 0  # 0 for a cached answer: the model did no work
+    completion_tokens: int = 0
 
 
 def select_context(hits: Sequence[SearchHit], max_chars: int) -> list[SearchHit]:
@@ -139,7 +141,15 @@ class RagService:
         )
         answer = _clean(completion.text)
         self._remember(key, answer, context)
-        return RagAnswer(answer, context, False, self.model, completion.finish_reason)
+        return RagAnswer(
+            answer,
+            context,
+            False,
+            self.model,
+            completion.finish_reason,
+            completion.prompt_tokens or 0,
+            completion.completion_tokens or 0,
+        )
 
     def stream(
         self,
@@ -149,7 +159,8 @@ class RagService:
         *,
         top_k: int | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Events: `sources` (with `cached`), `delta`s, then `done` with the whole answer, or `error`.
+        """Events (dicts with a `type`): `sources` (`sources`, `cached`, `model`), `delta` (`delta`: the
+        text), then `done` (`answer`: all of it, `cached`) or `error` (`status`, `message`).
 
         Retrieval, the cache lookup and the model's first token happen before this returns, so a
         failure there raises (and becomes an HTTP error) instead of breaking a started stream."""
@@ -161,7 +172,7 @@ class RagService:
             return iter(
                 [
                     {**head, "cached": True},
-                    {"type": "delta", "text": cached.answer},
+                    {"type": "delta", "delta": cached.answer},
                     {"type": "done", "answer": cached.answer, "cached": True},
                 ]
             )
@@ -188,11 +199,11 @@ class RagService:
         parts: list[str] = []
         if first is not None:
             parts.append(first)
-            yield {"type": "delta", "text": first}
+            yield {"type": "delta", "delta": first}
         try:
             for delta in deltas:
                 parts.append(delta)
-                yield {"type": "delta", "text": delta}
+                yield {"type": "delta", "delta": delta}
         except LlmClientError as exc:
             yield {"type": "error", "status": exc.status, "message": exc.message}
             return

@@ -2,15 +2,19 @@
 
 Milvus Lite (milvus-lite 3.2.2, pymilvus 3.0.2, checked) supports the BM25 function: each department
 collection has a `sparse` field that Milvus fills from `text` with `FunctionType.BM25`, queried with the
-raw query text. A hybrid search sends two `AnnSearchRequest`s (dense cosine on the query embedding,
+query text. Both sides go through `ingest.lexical_form`, which adds identifiers fused into one token
+("VX-55" → "vx55"), because the standard analyzer splits them. A hybrid search sends two `AnnSearchRequest`s (dense cosine on the query embedding,
 BM25 on the query text) to `hybrid_search` with an `RRFRanker`, so the lexical side runs in the same
 store, with its own per-department term statistics, and an exact identifier like "VX-55" (tokens
 "vx", "55") that the dense model blurs still ranks where it belongs. The same code runs on a Milvus
 server (2.5+).
 
-Isolation: a search runs one request per department collection it is *given* (see `store.py`); there
-is no code path that reads a collection outside that list. Per-department results are merged by
-their RRF scores, which are rank based and therefore comparable across collections.
+Isolation: a search runs requests against the department collections it is *given* (see `store.py`);
+there is no code path that reads a collection outside that list. With one department (the common
+case) Milvus does the fusion (`hybrid_search` + `RRFRanker`). With several, Milvus cannot fuse across
+collections and fusing per collection would rank every department's best chunk equally, so the dense
+and BM25 candidates of all the given departments are ranked globally and fused here with the same
+RRF formula (`rrf_fuse`).
 
 Scores: "hybrid" → the RRF score (higher is better); "dense" → cosine similarity; "lexical" → the
 BM25 score (Milvus Lite reports BM25 as a negative distance, the server as a positive score; the
@@ -20,10 +24,11 @@ magnitude is returned either way).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from runtime.core.embeddings import Embedder
+from runtime.core.ingest import lexical_form
 from runtime.core.store import OUTPUT_FIELDS, DepartmentStore, milvus_call, validate_department
 
 SearchMode = Literal["hybrid", "dense", "lexical"]
@@ -62,64 +67,93 @@ class Retriever:
         present = [d for d in wanted if self.store.has_department(d)]
         if not present:
             return []
-        vector = self.embedder.embed_one(query) if mode != "lexical" else None
-        hits: list[SearchHit] = []
-        for department in present:
-            hits.extend(self._search_one(department, query, vector, top_k, mode))
-        hits.sort(key=lambda h: (-h.score, h.department, h.doc_id, h.position))
-        return hits[:top_k]
+        if mode == "lexical":
+            hits = [h for d in present for h in self._search_one(d, query, None, top_k, "lexical")]
+            return _best(hits, top_k)
+        vector = self.embedder.embed_one(query)
+        if mode == "dense":
+            hits = [h for d in present for h in self._search_one(d, query, vector, top_k, "dense")]
+            return _best(hits, top_k)
+        if len(present) == 1:
+            return self._hybrid_one(present[0], query, vector, top_k)
+        # Several collections: Milvus fuses within one collection only, and per-collection RRF scores
+        # would give every department's best chunk the same score. So take the dense and the BM25
+        # candidates of every department, rank each list globally and fuse with the same RRF formula.
+        pool = max(self.candidates, top_k)
+        dense = _best([h for d in present for h in self._search_one(d, query, vector, pool, "dense")], None)
+        lexical = _best([h for d in present for h in self._search_one(d, query, None, pool, "lexical")], None)
+        return rrf_fuse([dense, lexical], k=self.rrf_k)[:top_k]
 
-    def _search_one(
-        self, department: str, query: str, vector: list[float] | None, top_k: int, mode: SearchMode
-    ) -> list[SearchHit]:
+    def _hybrid_one(self, department: str, query: str, vector: list[float], top_k: int) -> list[SearchHit]:
+        """Dense + BM25 fused by Milvus itself (`hybrid_search` with `RRFRanker`)."""
         from pymilvus import AnnSearchRequest, RRFRanker
 
         name = self.store.collection_name(department)
         pool = max(self.candidates, top_k)
+        requests = [
+            AnnSearchRequest(data=[vector], anns_field="dense", param={"metric_type": "COSINE"}, limit=pool),
+            AnnSearchRequest(
+                data=[lexical_form(query)], anns_field="sparse", param={"metric_type": "BM25"}, limit=pool
+            ),
+        ]
         with milvus_call(f"searching {name}"):
-            if mode == "hybrid":
-                assert vector is not None
-                requests = [
-                    AnnSearchRequest(data=[vector], anns_field="dense", param={"metric_type": "COSINE"}, limit=pool),
-                    AnnSearchRequest(data=[query], anns_field="sparse", param={"metric_type": "BM25"}, limit=pool),
-                ]
-                result = self.store.client.hybrid_search(
-                    name, requests, RRFRanker(self.rrf_k), limit=top_k, output_fields=OUTPUT_FIELDS
-                )
-            elif mode == "dense":
-                assert vector is not None
-                result = self.store.client.search(
-                    name,
-                    data=[vector],
-                    anns_field="dense",
-                    search_params={"metric_type": "COSINE"},
-                    limit=top_k,
-                    output_fields=OUTPUT_FIELDS,
-                )
-            else:
-                result = self.store.client.search(
-                    name,
-                    data=[query],
-                    anns_field="sparse",
-                    search_params={"metric_type": "BM25"},
-                    limit=top_k,
-                    output_fields=OUTPUT_FIELDS,
-                )
-        rows = result[0] if result else []
-        hits = []
-        for row in rows:
-            entity = row.get("entity", {})
-            distance = float(row.get("distance", 0.0))
-            hits.append(
-                SearchHit(
-                    chunk_id=str(entity.get("chunk_id", row.get("id"))),
-                    doc_id=str(entity["doc_id"]),
-                    version=int(entity["version"]),
-                    department=department,
-                    title=str(entity["title"]),
-                    text=str(entity["text"]),
-                    score=abs(distance) if mode == "lexical" else distance,
-                    position=int(entity["position"]),
-                )
+            result = self.store.client.hybrid_search(
+                name, requests, RRFRanker(self.rrf_k), limit=top_k, output_fields=OUTPUT_FIELDS
             )
-        return hits
+        return _best(_hits(result, department, lexical=False), top_k)
+
+    def _search_one(
+        self, department: str, query: str, vector: list[float] | None, limit: int, mode: SearchMode
+    ) -> list[SearchHit]:
+        name = self.store.collection_name(department)
+        lexical = mode == "lexical"
+        with milvus_call(f"searching {name}"):
+            result = self.store.client.search(
+                name,
+                data=[lexical_form(query)] if lexical else [vector],
+                anns_field="sparse" if lexical else "dense",
+                search_params={"metric_type": "BM25" if lexical else "COSINE"},
+                limit=limit,
+                output_fields=OUTPUT_FIELDS,
+            )
+        return _hits(result, department, lexical=lexical)
+
+
+def _hits(result: Any, department: str, *, lexical: bool) -> list[SearchHit]:
+    rows = result[0] if result else []
+    hits = []
+    for row in rows:
+        entity = row.get("entity", {})
+        distance = float(row.get("distance", 0.0))
+        hits.append(
+            SearchHit(
+                chunk_id=str(entity.get("chunk_id", row.get("id"))),
+                doc_id=str(entity["doc_id"]),
+                version=int(entity["version"]),
+                department=department,
+                title=str(entity["title"]),
+                text=str(entity["text"]),
+                score=abs(distance) if lexical else distance,
+                position=int(entity["position"]),
+            )
+        )
+    return hits
+
+
+def _best(hits: list[SearchHit], top_k: int | None) -> list[SearchHit]:
+    ordered = sorted(hits, key=lambda h: (-h.score, h.department, h.doc_id, h.position))
+    return ordered if top_k is None else ordered[:top_k]
+
+
+def rrf_fuse(rankings: Sequence[Sequence[SearchHit]], *, k: int = 60) -> list[SearchHit]:
+    """Reciprocal rank fusion, as Milvus's RRFRanker computes it: score = sum of 1 / (k + rank), rank
+    counted from 1 in each list. A chunk is identified by (department, chunk_id)."""
+    scores: dict[tuple[str, str], float] = {}
+    first: dict[tuple[str, str], SearchHit] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            ident = (hit.department, hit.chunk_id)
+            scores[ident] = scores.get(ident, 0.0) + 1.0 / (k + rank)
+            first.setdefault(ident, hit)
+    fused = [replace(first[ident], score=score) for ident, score in scores.items()]
+    return _best(fused, None)

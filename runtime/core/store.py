@@ -26,8 +26,9 @@ The same code runs against Milvus Lite (a local file URI, the lab and the tests)
 (an http(s) URI plus a token, production): pass a URI or a ready `pymilvus.MilvusClient`.
 
 Every collection has: `chunk_id` (primary key), `doc_id`, `version`, `doc_hash`, `title`, `position`,
-`doc_chunks`, `source_name`, `kind`, `updated_at`, `text` (with an analyzer), `dense` (384-dim,
-cosine) and `sparse`, filled by Milvus's BM25 function from `text` (the lexical half of hybrid search).
+`doc_chunks`, `source_name`, `kind`, `updated_at`, `text`, `lexical` (the text plus its identifiers
+fused, "VX-55" → "vx55"; see `ingest.lexical_form`), `dense` (384-dim, cosine) and `sparse`, filled
+by Milvus's BM25 function from `lexical` (the lexical half of hybrid search).
 Collections are created with Strong consistency: a search right after an upload or a delete sees it.
 
 Milvus has no transactions. `upsert_document` writes the new version first and deletes the chunks
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 import threading
 import time
@@ -48,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.core.embeddings import DIMENSION
-from runtime.core.ingest import PreparedDocument, valid_doc_id
+from runtime.core.ingest import PreparedDocument, lexical_form, valid_doc_id
 
 DEPARTMENT_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 _DEPARTMENT_RE = re.compile(DEPARTMENT_PATTERN)
@@ -123,6 +125,23 @@ def _quoted(doc_id: str) -> str:
     return f'"{doc_id}"'
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _quiet_lite_iterator_warning() -> None:
+    """Milvus Lite never returns the session timestamp pymilvus's query iterator asks for, so every
+    listing would log a warning; the client-side timestamp it falls back on is right for Lite."""
+    logger = logging.getLogger("pymilvus.client.iterator.query_iterator")
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage("failed to get mvccTs"))
+
+
 @contextlib.contextmanager
 def milvus_call(what: str) -> Iterator[None]:
     from pymilvus.exceptions import MilvusException
@@ -151,6 +170,9 @@ class DepartmentStore:
         if isinstance(client, str):
             from pymilvus import MilvusClient
 
+            if "://" not in client:
+                _quiet_lite_iterator_warning()
+
             with milvus_call(f"connecting to {client.split('@')[-1]}"):
                 client = MilvusClient(uri=client, token=token or "", db_name=db_name or "")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,100}", prefix):
@@ -176,11 +198,18 @@ class DepartmentStore:
         return sorted(n[len(self.prefix) :].replace("_", "-") for n in names if n.startswith(self.prefix))
 
     def has_department(self, department: str) -> bool:
+        """True when the department has a collection (which is then loaded and searchable)."""
         name = self.collection_name(department)
         if name in self._ensured:
             return True
-        with milvus_call(f"checking {name}"):
-            return bool(self.client.has_collection(name))
+        with self._ensure_lock, milvus_call(f"opening {name}"):
+            if name in self._ensured:
+                return True
+            if not self.client.has_collection(name):
+                return False
+            self.client.load_collection(name)  # a reopened Milvus starts with collections released
+            self._ensured.add(name)
+        return True
 
     def ensure_department(self, department: str) -> str:
         """Create the department's collection if it does not exist; returns its name."""
@@ -208,14 +237,15 @@ class DepartmentStore:
         schema.add_field("source_name", DataType.VARCHAR, max_length=_NAME_MAX_BYTES)
         schema.add_field("kind", DataType.VARCHAR, max_length=16)
         schema.add_field("updated_at", DataType.INT64)
-        schema.add_field("text", DataType.VARCHAR, max_length=_TEXT_MAX_BYTES, enable_analyzer=True)
+        schema.add_field("text", DataType.VARCHAR, max_length=_TEXT_MAX_BYTES)
+        schema.add_field("lexical", DataType.VARCHAR, max_length=_TEXT_MAX_BYTES, enable_analyzer=True)
         schema.add_field("dense", DataType.FLOAT_VECTOR, dim=DIMENSION)
         schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
         schema.add_function(
             Function(
                 name="text_bm25",
                 function_type=FunctionType.BM25,
-                input_field_names=["text"],
+                input_field_names=["lexical"],
                 output_field_names=["sparse"],
             )
         )
@@ -301,6 +331,7 @@ class DepartmentStore:
                     "kind": prepared.kind,
                     "updated_at": now,
                     "text": _clip(chunk.text, _TEXT_MAX_BYTES),
+                    "lexical": _clip(lexical_form(chunk.text), _TEXT_MAX_BYTES),
                     "dense": vectors[chunk.chunk_id],
                 }
                 for chunk in prepared.chunks(version)

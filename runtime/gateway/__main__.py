@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.audit.dsn, pseudonym_key=pseudonym_key, password=password, table=settings.audit.table
     ).start()
     try:
-        app = create_app(GatewayDeps(settings, policy, lic, seats, writer.submit))
+        app = create_app(GatewayDeps(settings, policy, lic, seats, writer.submit, writer.has_capacity))
         tls = uvicorn_tls_kwargs(settings.tls.files(), require_client_cert=settings.service_token_public_key is None)
         config = uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10, **tls

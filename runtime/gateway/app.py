@@ -8,6 +8,7 @@ or, for service accounts without a certificate, a short-lived EdDSA bearer token
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -34,6 +35,7 @@ from runtime.gateway.revocation import RevocationList
 from runtime.gateway.settings import GatewaySettings
 
 AuditSubmit = Callable[[dict[str, Any]], None]
+log = logging.getLogger("membria.gateway")
 
 
 # --- request bodies (OpenAI-compatible where the route is) --------------------------------------------
@@ -115,6 +117,7 @@ class GatewayDeps:
     license: License
     seats: SeatLedger
     audit: AuditSubmit
+    audit_has_capacity: Callable[[], bool] = lambda: True
     core: httpx.AsyncClient | None = None
 
 
@@ -160,7 +163,11 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             started = time.perf_counter()
             ctx = _ctx(request)
             length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            if not deps.audit_has_capacity():
+                # No audit row, no service: refuse before doing any work rather than serve unaudited.
+                response = _error(503, "audit_unavailable", "the audit log is not accepting rows; retry later")
+                response.headers["Retry-After"] = "5"
+            elif length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
                 response = _error(
                     413, "body_too_large", f"request bodies are limited to {settings.max_body_bytes} bytes"
                 )
@@ -178,23 +185,25 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
     def _submit_audit(request: Request, ctx: AuditContext, route: str, status: int, elapsed: float) -> None:
         ident = ctx.identity
-        deps.audit(
-            {
-                "request_id": ctx.request_id,
-                "subject": ident.subject if ident else "",
-                "device": ident.subject if ident and ident.kind == "device" else "",
-                "departments": list(ctx.departments or (ident.departments if ident else ())),
-                "route": route,
-                "method": request.method,
-                "model": ctx.model,
-                "decision": ctx.decision if status < 500 else "error",
-                "reason": ctx.reason,
-                "prompt_tokens": ctx.prompt_tokens,
-                "completion_tokens": ctx.completion_tokens,
-                "latency_ms": round(elapsed * 1000, 3),
-                "status": status,
-            }
-        )
+        event = {
+            "request_id": ctx.request_id,
+            "subject": ident.subject if ident else "",
+            "device": ident.subject if ident and ident.kind == "device" else "",
+            "departments": list(ctx.departments or (ident.departments if ident else ())),
+            "route": route,
+            "method": request.method,
+            "model": ctx.model,
+            "decision": ctx.decision if status < 500 else "error",
+            "reason": ctx.reason,
+            "prompt_tokens": ctx.prompt_tokens,
+            "completion_tokens": ctx.completion_tokens,
+            "latency_ms": round(elapsed * 1000, 3),
+            "status": status,
+        }
+        try:
+            deps.audit(event)
+        except Exception:  # the queue filled between the capacity check and now: say so loudly
+            log.exception("audit row for request %s could not be queued", ctx.request_id)
 
     app.add_middleware(AuditMiddleware)
 

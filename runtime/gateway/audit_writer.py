@@ -30,6 +30,8 @@ Only one writer may write a table at a time: two writers would fork the chain.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import threading
 import time
@@ -123,7 +125,8 @@ class AuditWriter:
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[AuditEvent] = deque()
         self._oldest_at = 0.0  # monotonic time the oldest queued event arrived
-        self._inflight: list[AuditRow] = []  # chained, being inserted (writer thread, read by close)
+        self._taken: list[AuditEvent] = []  # out of the queue, not yet durable
+        self._inflight: list[AuditRow] = []  # the same, chained (writer thread; read by close)
         self._closing = False
         self._closed = False
         self._abandon = threading.Event()
@@ -151,7 +154,7 @@ class AuditWriter:
         with self._cond:
             if self._closing:
                 raise AuditError("the audit writer is closed")
-            if len(self._queue) + len(self._inflight) >= self._max_pending:
+            if len(self._queue) + len(self._taken) >= self._max_pending:
                 raise AuditQueueFull(
                     f"{self._max_pending} audit rows are waiting for the audit DB"
                     + (f" (last error: {self._last_error})" if self._last_error else "")
@@ -164,12 +167,12 @@ class AuditWriter:
 
     def has_capacity(self) -> bool:
         with self._cond:
-            return not self._closing and len(self._queue) + len(self._inflight) < self._max_pending
+            return not self._closing and len(self._queue) + len(self._taken) < self._max_pending
 
     def status(self) -> WriterStatus:
         with self._cond:
             return WriterStatus(
-                pending=len(self._queue) + len(self._inflight),
+                pending=len(self._queue) + len(self._taken),
                 head=self._head,
                 last_error=self._last_error,
                 running=self._thread is not None and self._thread.is_alive(),
@@ -212,6 +215,7 @@ class AuditWriter:
         with self._cond:
             self._thread = thread
         thread.start()
+        atexit.register(self._close_at_exit)  # a safety net: the service's shutdown should call close()
         return self
 
     async def astart(self) -> AuditWriter:
@@ -225,7 +229,7 @@ class AuditWriter:
                 raise AuditError("the audit writer has not been started")
             self._oldest_at = 0.0  # a flush request does not wait for the interval
             self._cond.notify_all()
-            while self._queue or self._inflight:
+            while self._queue or self._taken:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -268,6 +272,11 @@ class AuditWriter:
         finally:
             self._closed = True
             self._disconnect()
+            atexit.unregister(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        with contextlib.suppress(AuditFlushError):  # the unwritten rows are in the log already
+            self.close()
 
     async def aclose(self, timeout: float | None = 30.0) -> None:
         await asyncio.to_thread(self.close, timeout)
@@ -281,6 +290,15 @@ class AuditWriter:
     # -- the writer thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug here must not silently stop auditing: say so loudly
+            with self._cond:
+                self._last_error = f"the audit writer thread stopped: {type(exc).__name__}: {exc}"
+            log.exception("the audit writer thread stopped; audit rows are no longer written")
+            raise
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -294,14 +312,15 @@ class AuditWriter:
                     self._cond.wait(remaining)
                 if not self._queue:
                     return  # closing, and everything is written
-                take = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+                self._taken = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
                 self._oldest_at = time.monotonic()
-                rows = self._chain(take)
+            rows = self._chain(self._taken)  # hashing happens outside the lock submitters take
+            with self._cond:
                 self._inflight = rows
             written = self._insert(rows)
             with self._cond:
                 if written:
-                    self._inflight = []
+                    self._taken, self._inflight = [], []
                 self._cond.notify_all()
             if not written:
                 return  # abandoned by close(); the rows stay in _inflight for _report_unwritten
@@ -378,9 +397,9 @@ class AuditWriter:
     def _report_unwritten(self) -> None:
         with self._cond:
             rows = list(self._inflight)
-            events = list(self._queue)
+            events = ([] if rows else list(self._taken)) + list(self._queue)
             self._queue.clear()
-            self._inflight = []
+            self._taken, self._inflight = [], []
         if events and self._thread is not None:
             rows += self._chain(events)
         elif events:  # never started: the chain position is unknown, so seq 0 and no hashes

@@ -269,6 +269,58 @@ def test_writer_keeps_and_retries_rows_while_the_db_is_unavailable(db: Path) -> 
     assert out["verify"].ok
 
 
+def _shutdown_without_db(path: Path) -> dict[str, Any]:
+    """close() cannot reach the DB before its timeout: the rows are logged, chained, and the error says so."""
+    import json
+    import logging
+    import subprocess as sp
+
+    from runtime.gateway.audit_writer import AuditFlushError, AuditWriter
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logging.getLogger("membria.audit").addHandler(Keep(logging.ERROR))
+    writer = AuditWriter.for_dsn(f"chdb://{path}", pseudonym_key=KEY, flush_interval_s=0.05).start()
+    holder = sp.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import clickhouse_connect, time; c = clickhouse_connect.get_client(dsn='chdb://{path}');"
+            " print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=sp.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for i in range(3):
+            writer.submit(event(i, subject="carol@acme.example"))
+        try:
+            writer.close(timeout=0.5)
+            error = ""
+        except AuditFlushError as exc:
+            error = str(exc)
+        writer.close()  # idempotent, even after a failed flush
+    finally:
+        holder.kill()
+        holder.wait()
+    rows = [json.loads(r.split(": ", 1)[1]) for r in records if r.startswith("audit row not written")]
+    return {"error": error, "rows": rows, "records": records}
+
+
+def test_shutdown_without_the_db_logs_every_unwritten_row_and_fails_loudly(db: Path) -> None:
+    out = isolated(_shutdown_without_db, db)
+    assert "3 audit row(s) (seq 1..3) could not be written" in out["error"]
+    assert [r["seq"] for r in out["rows"]] == [1, 2, 3]
+    assert out["rows"][0]["prev_hash"] == "0" * 64
+    assert out["rows"][1]["prev_hash"] == out["rows"][0]["row_hash"]
+    assert all("carol" not in line for line in out["records"])
+
+
 def _bounded(path: Path) -> dict[str, Any]:
     from runtime.gateway.audit_writer import AuditError, AuditQueueFull, AuditWriter
 

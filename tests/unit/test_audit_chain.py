@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -105,7 +106,7 @@ def test_timestamps_are_formatted_in_utc_with_six_digits_and_naive_ones_are_refu
         ("status", 403),
     ],
 )
-def test_every_content_field_changes_the_hash(field: str, value: object) -> None:
+def test_every_content_field_changes_the_hash(field: str, value: Any) -> None:
     row = rows(1)[0]
     assert row_hash(dataclasses.replace(row, **{field: value}), GENESIS_HASH) != row_hash(row, GENESIS_HASH)
 
