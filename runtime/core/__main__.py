@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,20 @@ def main(argv: list[str] | None = None) -> int:
             **uvicorn_tls_kwargs(TlsFiles(cert=config.tls.cert, key=config.tls.key, ca=config.tls.ca)),
         )
     )
-    server.run()  # handles SIGINT/SIGTERM: stops accepting, drains, runs the lifespan shutdown
+    # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, lifespan shutdown) and then raises
+    # the signal again; this handler turns that final signal into a clean exit instead of a death by
+    # signal or a KeyboardInterrupt traceback.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stopped)
+    try:
+        server.run()
+    except SystemExit as exc:
+        return int(exc.code or 0)
     return 0
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

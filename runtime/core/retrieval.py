@@ -1,13 +1,14 @@
 """Hybrid retrieval: dense vectors + BM25, fused with reciprocal rank fusion, inside Milvus.
 
-Milvus Lite (milvus-lite 3.2.2, pymilvus 3.0.2, checked) supports the BM25 function: each department
-collection has a `sparse` field that Milvus fills from `text` with `FunctionType.BM25`, queried with the
-query text. Both sides go through `ingest.lexical_form`, which adds identifiers fused into one token
-("VX-55" → "vx55"), because the standard analyzer splits them. A hybrid search sends two `AnnSearchRequest`s (dense cosine on the query embedding,
-BM25 on the query text) to `hybrid_search` with an `RRFRanker`, so the lexical side runs in the same
-store, with its own per-department term statistics, and an exact identifier like "VX-55" (tokens
-"vx", "55") that the dense model blurs still ranks where it belongs. The same code runs on a Milvus
-server (2.5+).
+Milvus Lite (milvus-lite 3.2.2, pymilvus 3.0.2: checked) supports the BM25 function: each department
+collection has a `sparse` field that Milvus fills from the `lexical` text with `FunctionType.BM25`
+and searches with the query text. Both go through `ingest.lexical_form`, which appends identifiers
+fused into one token ("VX-55" → "vx55"): the standard analyzer splits "VX-55" into "vx" and "55",
+which alone cannot tell VX-55 from VX-56 next to PG-55. A hybrid search sends two
+`AnnSearchRequest`s (dense cosine on the query embedding, BM25 on the query text) to `hybrid_search`
+with an `RRFRanker`, so the lexical side runs in the same store, with per-department term statistics,
+and an exact identifier that the dense model blurs still ranks where it belongs. The same code runs
+on a Milvus server (2.5+).
 
 Isolation: a search runs requests against the department collections it is *given* (see `store.py`);
 there is no code path that reads a collection outside that list. With one department (the common

@@ -23,7 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.common import service_tokens
 from runtime.common.identity import Identity, NotAnIdentity, identity_from_certificate
@@ -103,6 +105,35 @@ class GatewayError(HTTPException):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(status_code=status, detail=message, headers=headers)
         self.code = code
+
+
+class BodyLimit:
+    """Enforces the body limit on the bytes actually received. The Content-Length check in the audit
+    middleware cannot see a chunked body, which would otherwise be read into memory whatever its size."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    # FastAPI re-raises an HTTPException met while reading the body: it becomes our 413.
+                    raise GatewayError(
+                        413, "body_too_large", f"request bodies are limited to {self.max_body_bytes} bytes"
+                    )
+            return message
+
+        await self.app(scope, limited, send)
 
 
 # --- the application ------------------------------------------------------------------------------------
@@ -185,6 +216,10 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
     def _submit_audit(request: Request, ctx: AuditContext, route: str, status: int, elapsed: float) -> None:
         ident = ctx.identity
+        reason = ctx.reason
+        if ident is not None:
+            # RBAC reasons name the caller ("user:alice's roles ..."); the row carries only the pseudonym.
+            reason = reason.replace(ident.key, f"the {ident.kind}")
         event = {
             "request_id": ctx.request_id,
             "subject": ident.subject if ident else "",
@@ -194,7 +229,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             "method": request.method,
             "model": ctx.model,
             "decision": ctx.decision if status < 500 else "error",
-            "reason": ctx.reason,
+            "reason": reason,
             "prompt_tokens": ctx.prompt_tokens,
             "completion_tokens": ctx.completion_tokens,
             "latency_ms": round(elapsed * 1000, 3),
@@ -205,6 +240,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         except Exception:  # the queue filled between the capacity check and now: say so loudly
             log.exception("audit row for request %s could not be queued", ctx.request_id)
 
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)  # inside: its 413 is audited too
     app.add_middleware(AuditMiddleware)
 
     # -- errors: always JSON, never a 500 for bad input ------------------------------------------------------
@@ -213,8 +249,9 @@ def create_app(deps: GatewayDeps) -> FastAPI:
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         return _error(exc.status_code, exc.code, str(exc.detail), exc.headers)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's class, not FastAPI's subclass: routing (404, 405) and body parsing (400) raise that one.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, "http_error", str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)

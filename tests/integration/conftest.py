@@ -25,9 +25,7 @@ def llm_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.prepare()
     record = process.spawn(state, server.name, server.argv(), env=server.env())
     try:
-        process.wait_until(
-            lambda: not record.alive() or server.check().ok, timeout=server.start_timeout, interval=0.5
-        )
+        process.wait_until(lambda: not record.alive() or server.check().ok, timeout=server.start_timeout, interval=0.5)
         health = server.check()
         if not health.ok:
             log = Path(record.log).read_text(errors="replace")[-2000:]

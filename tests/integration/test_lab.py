@@ -36,6 +36,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, LabSta
     try:
         report = lifecycle.up(site, state)
         assert sorted(report.started) == ["core", "gateway", "llm", "openbao", "s3"]
+        # The corpus went in through the gateway and the smoke proved the data flow end to end.
+        assert report.ingest is not None and report.ingest.files >= 9 and report.ingest.changed == report.ingest.files
+        assert [s.name for s in report.smoke] == [
+            "answered from engineering",
+            "cross-department refused",
+            "audit rows visible",
+        ]
+        assert all(s.ok for s in report.smoke), report.smoke
         yield site, state
     finally:
         lifecycle.down(site, state)
@@ -58,7 +66,8 @@ def test_up_twice_is_a_no_op(lab: tuple[Site, LabState]) -> None:
     site, state = lab
     before = _pids(state)
     report = lifecycle.up(site, state)
-    assert not report.changed, (report.started, report.bootstrap)
+    assert not report.changed, (report.started, report.bootstrap, report.ingest)
+    assert report.ingest is not None and report.ingest.changed == 0
     assert report.already_running == ["openbao", "s3", "llm", "core", "gateway"]
     assert _pids(state) == before
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from runtime.core.ingest import (
@@ -106,7 +108,10 @@ def test_markdown_title_from_front_matter_or_first_h1() -> None:
 
 
 def test_headings_start_chunks_and_every_chunk_carries_its_heading_path() -> None:
-    md = "# Valve VX-55\n\nIntro text.\n\n## Steps\n\n1. Close it.\n2. Drain it.\n\n### Detail\n\nDeep.\n\n## After\n\nDone."
+    md = (
+        "# Valve VX-55\n\nIntro text.\n\n## Steps\n\n1. Close it.\n2. Drain it.\n\n"
+        "### Detail\n\nDeep.\n\n## After\n\nDone."
+    )
     chunks = chunk_text(md, markdown=True)
     assert chunks == [
         "Valve VX-55\n\nIntro text.",
@@ -140,7 +145,7 @@ def test_a_long_paragraph_is_split_at_sentences_with_overlap() -> None:
     chunks = chunk_text(" ".join(sentences), markdown=False, config=ChunkingConfig(800, 120))
     assert len(chunks) >= 3
     assert all(len(c) <= 800 for c in chunks)
-    for before, after in zip(chunks, chunks[1:], strict=False):
+    for before, after in itertools.pairwise(chunks):
         last_sentence = before.rsplit(". ", 1)[-1]
         assert after.startswith(last_sentence)  # the overlap: the next window repeats the tail
     joined = " ".join(chunks)
