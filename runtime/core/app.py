@@ -55,6 +55,26 @@ log = logging.getLogger("membria.core")
 
 Department = Annotated[str, Field(pattern=DEPARTMENT_PATTERN)]
 _MULTIPART_SLACK = 64 * 1024  # boundaries and the small form fields around the file
+# The upload route parses its form itself (after the gateway check), so describe the body by hand.
+_UPLOAD_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "department"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "TXT, Markdown or PDF"},
+                        "department": {"type": "string", "pattern": DEPARTMENT_PATTERN},
+                        "doc_id": {"type": "string", "pattern": DOC_ID_PATTERN},
+                        "title": {"type": "string", "maxLength": 1000},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class ApiError(Exception):
@@ -221,7 +241,7 @@ def create_app(settings: CoreSettings, *, service: CoreService | None = None) ->
 
     internal = APIRouter(prefix="/internal", dependencies=[Depends(require_gateway)])
 
-    @internal.post("/documents", response_model=IngestResponse)
+    @internal.post("/documents", response_model=IngestResponse, openapi_extra=_UPLOAD_OPENAPI)
     async def upload_document(request: Request) -> IngestResponse:
         # The form is parsed here, after the gateway check, through a receive that stops at the limit.
         limit = settings.max_upload_bytes + _MULTIPART_SLACK

@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+# Before anything imports huggingface_hub (it reads this once, at import): never reach a hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 DIMENSION = 384
 MODEL_NAME = "all-MiniLM-L6-v2"
 _BATCH_SIZE = 32
