@@ -78,8 +78,8 @@ class Backends:
             from appliance.lab.services import OpenBao
 
             bao = OpenBao(self.site, self._lab_state("vault"))
-            if not bao.token_file.exists():
-                raise MissingEnvironment("the embedded OpenBao has no root token yet", hint="run `appliance lab up`")
+            if not bao.token_file.exists() or not bao.ca_file.exists():
+                raise MissingEnvironment("the embedded OpenBao is not running", hint="run `appliance lab up`")
             return hvac.Client(url=bao.endpoint, token=bao.root_token(), verify=str(bao.ca_file), timeout=10)
         verify: str | bool = str(vault.ca_file) if vault.ca_file else True
         client = hvac.Client(url=str(vault.url).rstrip("/"), verify=verify, timeout=10)

@@ -52,3 +52,20 @@ def ca(
     """Write the site CA chain that peers use to verify site certificates."""
     atomic.write_text(out, _pki(site_file, state_dir).ca_chain_pem())
     print_ok(f"CA chain written to {out}")
+
+
+@app.command()
+def revoke(
+    serial: str = typer.Argument(..., help="Serial number as printed by `pki issue` (hex, colon-separated)."),
+    site_file: Path = SiteOption,
+    state_dir: Path | None = StateDirOption,
+) -> None:
+    """Revoke a certificate. The lab's gateway sees the new CRL at once; on a rack the vault agent renders it."""
+    site = load(site_file)
+    pki = _pki(site_file, state_dir)
+    pki.revoke(serial)
+    if site.services.vault.backend == "embedded":
+        from appliance.lab.bootstrap import write_crl
+
+        write_crl(lab_state(site, state_dir), pki)
+    print_ok(f"revoked {serial}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from appliance.backends import Backends
-from appliance.errors import CheckFailed
+from appliance.errors import BadInput, CheckFailed
 from appliance.lab import bootstrap
 from appliance.lab.runtime_services import Gateway, admin_tls
 from appliance.lab.state import LabState
@@ -52,7 +52,12 @@ def ingest_corpus(site: Site, state: LabState, corpus: Path) -> IngestSummary:
 
     gateway = Gateway(site, state)
     changed = 0
-    files = corpus_files(corpus)
+    try:
+        files = corpus_files(corpus)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BadInput(
+            f"lab.corpus_dir: {exc}", hint="paths in the site file are relative to the working directory"
+        ) from exc
     with _client(admin_tls(state)) as client:
         for department, path in files:
             response = client.post(
