@@ -8,10 +8,10 @@ lab's environment marker (a CLI killed between spawn and pid file).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from appliance.audit_log import open_audit_db
 from appliance.backends import Backends
 from appliance.errors import CheckFailed, MissingEnvironment, ServiceError
 from appliance.lab import bootstrap, process, smoke
@@ -19,7 +19,6 @@ from appliance.lab.runtime_services import runtime_services
 from appliance.lab.services import EmbeddedService, Health, OpenBao, process_services
 from appliance.lab.state import LabState
 from appliance.site import Site
-from runtime.common.audit import AuditDbBusy
 
 Progress = Callable[[str], None]
 
@@ -136,22 +135,21 @@ def _in_process_health(site: Site, state: LabState) -> list[Health]:
 
 
 def _chdb_health(backends: Backends) -> Health:
-    """chDB admits one process at a time and the gateway takes it for each audit batch (~80 ms): wait a turn."""
+    """chDB admits one process at a time and the gateway takes it for each audit batch: wait a turn."""
     endpoint = f"chdb://{backends.chdb_path()}"
-    for _ in range(30):
-        try:
-            client = backends.audit_db()
-        except AuditDbBusy:
-            time.sleep(0.1)
-            continue
-        try:
-            version = client.query("SELECT version()").result_rows[0][0]
-        except Exception as exc:  # noqa: BLE001 - any failure of the embedded store is a failed check
-            return Health("audit_db", False, f"chDB: {exc}", endpoint)
-        finally:
-            client.close()
-        return Health("audit_db", True, f"chDB (ClickHouse {version})", endpoint)
-    return Health("audit_db", False, "chDB stayed held by another process for 3 s", endpoint)
+    try:
+        client = open_audit_db(backends, wait_s=3)
+    except (CheckFailed, ServiceError) as exc:
+        if not backends.chdb_path().exists():
+            return Health("audit_db", True, "chDB (created by the gateway's first request)", endpoint)
+        return Health("audit_db", False, exc.message, endpoint)
+    try:
+        version = client.query("SELECT version()").result_rows[0][0]
+    except Exception as exc:  # noqa: BLE001 - any failure of the embedded store is a failed check
+        return Health("audit_db", False, f"chDB: {exc}", endpoint)
+    finally:
+        client.close()
+    return Health("audit_db", True, f"chDB (ClickHouse {version})", endpoint)
 
 
 def all_services(site: Site, state: LabState) -> list[EmbeddedService]:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import httpx
 
+from appliance.audit_log import open_audit_db
 from appliance.backends import Backends
-from appliance.errors import BadInput, CheckFailed
+from appliance.errors import BadInput, CheckFailed, ServiceError
 from appliance.lab import bootstrap
 from appliance.lab.runtime_services import Gateway, admin_tls
 from appliance.lab.state import LabState
 from appliance.pki import Pki
 from appliance.site import Site
-from runtime.common.audit import AuditDbBusy
 from runtime.common.tls import TlsFiles, client_context
 
 SMOKE_USER = "smoke-engineer"
@@ -118,9 +118,9 @@ def _audit_rows_visible(site: Site, state: LabState, request_ids: list[str]) -> 
     found: dict[str, str] = {}
     while time.monotonic() < deadline:
         try:
-            client = backends.audit_db()
-        except AuditDbBusy:
-            time.sleep(0.1)
+            client = open_audit_db(backends, wait_s=2)
+        except (CheckFailed, ServiceError):  # not created yet, or busy: the next batch will tell
+            time.sleep(0.3)
             continue
         try:
             rows = client.query(
