@@ -58,7 +58,7 @@ class ChatRequest(BaseModel):
     model: str = Field(min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=100)
     stream: bool = False
-    max_tokens: int = Field(default=256, ge=1, le=4096)
+    max_tokens: int = Field(default=256, ge=1, le=1024)  # the core server's own limit
     temperature: float = Field(default=0.2, ge=0, le=2)
     top_p: float = Field(default=0.95, gt=0, le=1)
 
@@ -209,10 +209,27 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             route_path = getattr(route, "path", request.url.path if response.status_code != 404 else "unmatched")
             requests_total.labels(route_path, str(response.status_code)).inc()
             latency.labels(route_path).observe(elapsed)
-            if route_path not in ("/healthz", "/metrics"):
-                _submit_audit(request, ctx, route_path, response.status_code, elapsed)
             response.headers["x-request-id"] = ctx.request_id
+            if route_path in ("/healthz", "/metrics"):
+                return response
+            body = getattr(response, "body_iterator", None)
+            if body is None:
+                _submit_audit(request, ctx, route_path, response.status_code, elapsed)
+            else:
+                # The row is written once the body has gone out: a streamed answer's tokens are counted by then.
+                response.body_iterator = _audited(  # type: ignore[attr-defined]
+                    body, request, ctx, route_path, response.status_code, started
+                )
             return response
+
+    async def _audited(
+        body: AsyncIterator[Any], request: Request, ctx: AuditContext, route: str, status: int, started: float
+    ) -> AsyncIterator[Any]:
+        try:
+            async for part in body:
+                yield part
+        finally:
+            _submit_audit(request, ctx, route, status, time.perf_counter() - started)
 
     def _submit_audit(request: Request, ctx: AuditContext, route: str, status: int, elapsed: float) -> None:
         ident = ctx.identity
@@ -320,10 +337,17 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         if model not in settings.models:
             raise GatewayError(404, "model_not_found", f"unknown model {model!r}; served: {', '.join(settings.models)}")
 
-    async def core_call(method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def core_call(method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
+        """One call to the core server; a refusal or a failure becomes the matching GatewayError. With
+        `stream=True` the body is left unread (the caller closes the response) unless the call failed."""
         assert deps.core is not None
         try:
-            response = await deps.core.request(method, path, **kwargs)
+            response = await deps.core.send(deps.core.build_request(method, path, **kwargs), stream=stream)
+            if stream and response.status_code >= 400:
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
         except httpx.HTTPError as exc:
             raise GatewayError(
                 503, "core_unavailable", f"the core server is unavailable: {type(exc).__name__}"
@@ -359,7 +383,9 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
-    async def metrics() -> PlainTextResponse:
+    async def metrics(ident: Identity = Authenticated) -> PlainTextResponse:
+        # Any site identity may scrape (Prometheus uses a service token or certificate): the figures
+        # name routes and statuses, never callers.
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
@@ -381,8 +407,11 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         created = int(time.time())
         completion_id = f"chatcmpl-{_ctx(request).request_id}"
         if body.stream:
+            # Opened before the response starts, so a refusal (or an unavailable core) is an HTTP error
+            # status rather than a 200 whose stream breaks off.
+            upstream = await core_call("POST", "/internal/rag", json={**payload, "stream": True}, stream=True)
             return StreamingResponse(
-                _stream_chat(request, payload, body.model, completion_id, created), media_type="text/event-stream"
+                _stream_chat(request, upstream, body.model, completion_id, created), media_type="text/event-stream"
             )
         answer = (await core_call("POST", "/internal/rag", json={**payload, "stream": False})).json()
         ctx = _ctx(request)
@@ -408,10 +437,8 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         )
 
     async def _stream_chat(
-        request: Request, payload: dict[str, Any], model: str, completion_id: str, created: int
+        request: Request, upstream: httpx.Response, model: str, completion_id: str, created: int
     ) -> AsyncIterator[bytes]:
-        assert deps.core is not None
-
         def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
             body = {
                 "id": completion_id,
@@ -422,27 +449,28 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             }
             return f"data: {json.dumps(body)}\n\n".encode()
 
-        yield chunk({"role": "assistant"})
+        finish = "stop"
         try:
-            async with deps.core.stream("POST", "/internal/rag", json={**payload, "stream": True}) as upstream:
-                if upstream.status_code != 200:
-                    yield chunk({"content": ""}, "error")
-                    return
-                async for line in upstream.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    if event.get("delta"):
-                        _ctx(request).completion_tokens += 1
-                        yield chunk({"content": event["delta"]})
+            yield chunk({"role": "assistant"})
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if event.get("type") == "error":  # the model failed mid-answer: do not present it as complete
+                    _ctx(request).reason = f"model error during the stream: {event.get('message', '')}"[:500]
+                    finish = "error"
+                    break
+                if event.get("delta"):
+                    _ctx(request).completion_tokens += 1
+                    yield chunk({"content": event["delta"]})
         except httpx.HTTPError:
-            yield chunk({"content": ""}, "error")
-            yield b"data: [DONE]\n\n"
-            return
-        yield chunk({}, "stop")
+            finish = "error"
+        finally:
+            await upstream.aclose()
+        yield chunk({}, finish)
         yield b"data: [DONE]\n\n"
 
     @app.post("/v1/embeddings", tags=["openai"])

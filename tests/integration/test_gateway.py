@@ -9,7 +9,11 @@ not) and schemathesis (its rate limit is high so the fuzzer reaches the handlers
 lab's gateway keeps 5/s, burst 20 for the rate-limit test).
 
 chDB admits one process at a time and the gateway takes it for each audit batch: the pytest process
-never opens it; queries run in a subprocess that retries on AuditDbBusy.
+never opens it; queries run in a subprocess that retries on AuditDbBusy (and on losing the race for the
+engine's lock between that check and the open).
+
+One test kills the lab's model server mid-answer and starts it again; it runs after the other model users
+except the audit test, which needs it back.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import ssl
 import subprocess
@@ -40,8 +45,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ruamel.yaml import YAML
 
 from appliance.backends import Backends
-from appliance.lab import bootstrap, lifecycle
+from appliance.lab import bootstrap, lifecycle, process
 from appliance.lab.runtime_services import AUDIT_KEY_ENV, admin_tls
+from appliance.lab.services import LlamaServer
 from appliance.lab.state import LabState
 from appliance.license import sign_license
 from appliance.pki import IssuedCertificate, Pki
@@ -50,6 +56,7 @@ from runtime.common import service_tokens
 from runtime.common.audit import pseudonymize
 from runtime.common.license import License
 from runtime.common.tls import TlsFiles, client_context
+from runtime.core.settings import CoreSettings
 from tests.conftest import EXAMPLES, REPO, free_port, lab_site_data, write_site
 
 pytestmark = pytest.mark.integration
@@ -582,6 +589,23 @@ def test_chat_completions_non_streaming_and_streaming(lab: GatewayLab, corpus: C
     assert content.strip(), events
 
 
+def test_a_refused_stream_is_an_http_error_not_a_broken_200(lab: GatewayLab) -> None:
+    """The gateway accepts max_tokens up to 4096, the core server only up to its own limit: the refusal must
+    reach a streaming client as the same HTTP error a non-streaming one gets."""
+    core_config = json.loads((lab.state.root / "config" / "core.json").read_text())
+    limit = int(core_config.get("max_answer_tokens", CoreSettings.model_fields["max_answer_tokens"].default))
+    assert limit < 4096
+    body = chat_body(lab.model, "Describe the pump P-7.", max_tokens=limit + 1)
+    with lab.client("alice") as client:
+        plain = client.post("/v1/chat/completions", json=body)
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+            streamed.read()
+    assert plain.status_code == 422, plain.text
+    assert streamed.status_code == plain.status_code, streamed.text
+    assert streamed.headers["content-type"].startswith("application/json")
+    assert error_code(streamed) == error_code(plain)
+
+
 def test_embeddings_have_384_dimensions(lab: GatewayLab) -> None:
     with lab.client("ops-admin") as client:
         one = client.post("/v1/embeddings", json={"model": lab.model, "input": "pressure test of the valve"})
@@ -1018,6 +1042,54 @@ def test_schemathesis_finds_no_server_error(lab: GatewayLab, aux: AuxGateway, tm
     assert generated and generated.group(1) == generated.group(2) and int(generated.group(1)) > count, output[-3000:]
 
 
+def test_a_model_failure_mid_stream_ends_the_stream_as_an_error(lab: GatewayLab) -> None:
+    """The model server dies while an answer streams: the client must see finish_reason "error" and the
+    stream's end, not an answer presented as complete. The model server is started again afterwards.
+
+    The kill comes once three pieces of the answer have arrived (the model is generating); an answer that
+    ends before that is simply asked again with another question."""
+    llm = process.running(lab.state, "llm")
+    assert llm is not None
+    killed = False
+    datas: list[str] = []
+    try:
+        with lab.client("alice") as client:
+            for _ in range(6):
+                run = secrets.token_hex(4)
+                question = f"List twenty numbered steps to service pump P-7, one per line (run {run})."
+                body = chat_body(lab.model, question, max_tokens=1024, stream=True, temperature=0.8)
+                datas = []
+                with client.stream("POST", "/v1/chat/completions", json=body) as streamed:
+                    assert streamed.status_code == 200, streamed.read()
+                    pieces = 0
+                    for line in streamed.iter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        datas.append(line[5:].strip())
+                        if datas[-1] != "[DONE]" and json.loads(datas[-1])["choices"][0]["delta"].get("content"):
+                            pieces += 1
+                        if pieces == 3 and not killed:
+                            os.kill(llm.pid, signal.SIGKILL)
+                            killed = True
+                if killed:
+                    break
+    finally:
+        if killed:  # start the model server again the way the lab does (the rest of the lab is untouched)
+            assert process.wait_until(lambda: not llm.alive(), timeout=10)
+            server = LlamaServer(lab.site, lab.state)
+            server.prepare()
+            record = process.spawn(lab.state, server.name, server.argv(), env=server.env())
+            process.wait_until(
+                lambda: not record.alive() or server.check().ok, timeout=server.start_timeout, interval=0.5
+            )
+            assert server.check().ok, "the model server did not come back"
+    assert killed, "no answer of three pieces in six tries"
+    assert datas[-1] == "[DONE]"
+    last = json.loads(datas[-2])
+    content = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in datas[:-1])
+    assert last["choices"][0]["finish_reason"] == "error", (len(datas), content)
+
+
 # --- audit --------------------------------------------------------------------------------------------------------
 
 _AUDIT_QUERY = textwrap.dedent(
@@ -1027,7 +1099,7 @@ _AUDIT_QUERY = textwrap.dedent(
     from appliance.backends import Backends
     from appliance.lab.state import LabState
     from appliance.site import Site
-    from runtime.common.audit import AuditDbBusy
+    from runtime.common.audit import AuditDbBusy, is_engine_lock_error
 
     site = Site.model_validate(YAML(typ="safe").load(open(sys.argv[1])))
     backends = Backends(site, LabState.at(site.lab.state_dir))
@@ -1040,6 +1112,12 @@ _AUDIT_QUERY = textwrap.dedent(
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+        except Exception as exc:
+            # The gateway took the engine between the free-check and the open; a failed open may leave
+            # this process's chDB unusable, so the caller starts a fresh one.
+            if is_engine_lock_error(exc):
+                sys.exit(75)
+            raise
     try:
         result = client.query("SELECT * FROM audit_log ORDER BY seq")
         rows = [dict(zip(result.column_names, row)) for row in result.result_rows]
@@ -1051,13 +1129,16 @@ _AUDIT_QUERY = textwrap.dedent(
 
 
 def audit_rows(lab: GatewayLab) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [sys.executable, "-c", _AUDIT_QUERY, str(lab.site_file)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    for _ in range(20):
+        done = subprocess.run(
+            [sys.executable, "-c", _AUDIT_QUERY, str(lab.site_file)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 75:  # 75: lost the race for the engine to the gateway's writer; try again
+            break
     assert done.returncode == 0, done.stderr
     rows: list[dict[str, Any]] = json.loads(done.stdout)
     return rows
@@ -1088,6 +1169,14 @@ def test_every_request_leaves_a_pseudonymized_row_in_an_intact_chain(lab: Gatewa
             ("invalid", client.post("/v1/knowledge/search", json={})),
         ):
             request_ids[name] = response.headers["x-request-id"]
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=chat_body(lab.model, "How are O-ring seals replaced?", max_tokens=24, stream=True),
+        ) as streamed:
+            events, _ = read_sse(streamed)
+            request_ids["stream"] = streamed.headers["x-request-id"]
+        streamed_chunks = sum(1 for e in events if e["choices"][0]["delta"].get("content"))
     with lab.client(None) as client:
         request_ids["anonymous"] = client.get("/v1/knowledge/documents?department=sales").headers["x-request-id"]
 
@@ -1108,6 +1197,10 @@ def test_every_request_leaves_a_pseudonymized_row_in_an_intact_chain(lab: Gatewa
     assert by_id[request_ids["denied"]]["status"] == 403
     assert by_id[request_ids["denied"]]["user_pseudonym"] == alice
     assert by_id[request_ids["anonymous"]]["user_pseudonym"] == ""
+    # A streamed answer's row is written when the stream ends, with what was streamed.
+    stream_row = by_id[request_ids["stream"]]
+    assert (stream_row["status"], stream_row["decision"]) == (200, "allow")
+    assert streamed_chunks >= 1 and stream_row["completion_tokens"] == streamed_chunks
     assert by_id[request_ids["anonymous"]]["status"] == 401
     # Nowhere in the whole log, in any column, is a raw user name.
     for row in rows:
