@@ -38,8 +38,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message
 
+from runtime.common.asgi import limit_receive
 from runtime.common.identity import Identity, NotAnIdentity, identity_from_certificate
 from runtime.common.llm_client import LlmError, LlmUnavailable
 from runtime.common.tls import peer_certificate
@@ -251,7 +251,8 @@ def create_app(settings: CoreSettings, *, service: CoreService | None = None) ->
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
             raise ApiError(415, "unsupported_media_type", "upload the document as multipart/form-data")
-        limited = Request(request.scope, receive=_limited_receive(request.receive, limit))
+        too_large = DocumentTooLarge(f"the upload is larger than the limit of {limit} bytes")
+        limited = Request(request.scope, receive=limit_receive(request.receive, limit, lambda: too_large))
         try:
             form = await limited.form(max_files=1, max_fields=8)
         except DocumentTooLarge:
@@ -386,21 +387,6 @@ def _check_query(text: str, field: str, settings: CoreSettings) -> None:
         raise ApiError(422, "invalid_request", f"{field} must not be blank")
     if len(text) > settings.max_query_chars:
         raise ApiError(413, "too_large", f"{field} is longer than {settings.max_query_chars} characters")
-
-
-def _limited_receive(receive: Callable[[], Awaitable[Message]], limit: int) -> Callable[[], Awaitable[Message]]:
-    received = 0
-
-    async def limited() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise DocumentTooLarge(f"the upload is larger than the limit of {limit} bytes")
-        return message
-
-    return limited
 
 
 def _sse(events: Iterator[dict[str, Any]]) -> Iterator[str]:

@@ -25,9 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runtime.common import service_tokens
+from runtime.common.asgi import limit_receive
 from runtime.common.identity import Identity, NotAnIdentity, identity_from_certificate
 from runtime.common.license import License, SeatLedger
 from runtime.common.rbac import Action, Policy, decide
@@ -119,20 +120,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    # FastAPI re-raises an HTTPException met while reading the body: it becomes our 413.
-                    raise GatewayError(
-                        413, "body_too_large", f"request bodies are limited to {self.max_body_bytes} bytes"
-                    )
-            return message
-
+        # FastAPI re-raises an HTTPException met while reading the body: it becomes our 413.
+        message = f"request bodies are limited to {self.max_body_bytes} bytes"
+        limited = limit_receive(receive, self.max_body_bytes, lambda: GatewayError(413, "body_too_large", message))
         await self.app(scope, limited, send)
 
 
