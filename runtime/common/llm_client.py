@@ -21,7 +21,7 @@ The API key is a `SecretStr`: it goes into the Authorization header and nowhere 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,7 +86,7 @@ class Completion:
         return sum(self.token_logprobs) / len(self.token_logprobs)
 
 
-# -- request and response shapes, shared by the sync and async clients ---------------------------------
+# -- request and response shapes -------------------------------------------------------------------------
 
 
 def _sampling(
@@ -418,154 +418,6 @@ class LlmClient:
         stop: Sequence[str] | None = None,
     ) -> Iterator[str]:
         """`generate()`, streamed as text deltas."""
-        if self.config.prompt_style == "chat":
-            return self.stream_chat(
-                _as_messages(prompt, system), max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop
-            )
-        text = f"{system}\n\n{prompt}" if system else prompt
-        return self.stream_complete(text, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop)
-
-
-class AsyncLlmClient:
-    """The same client for asyncio code (the gateway, the edge agent's event loop)."""
-
-    def __init__(self, config: LlmConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.config = config
-        self._http = httpx.AsyncClient(
-            base_url=config.base_url.rstrip("/") + "/",
-            headers=_headers(config),
-            timeout=_timeout(config),
-            transport=transport,
-        )
-
-    def __repr__(self) -> str:
-        return f"AsyncLlmClient(base_url={self.config.base_url!r}, model={self.config.model!r})"
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> AsyncLlmClient:
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.aclose()
-
-    async def _post(self, path: str, body: dict[str, Any], what: str) -> Any:
-        try:
-            response = await self._http.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, what) from exc
-        _raise_for_status(response.status_code, response.content, what)
-        return _json(response.content, what)
-
-    async def _stream(self, path: str, body: dict[str, Any], chat: bool, what: str) -> AsyncIterator[str]:
-        try:
-            async with self._http.stream("POST", path, json=body) as response:
-                if response.status_code >= 400:
-                    _raise_for_status(response.status_code, await response.aread(), what)
-                async for line in response.aiter_lines():
-                    try:
-                        delta = _sse_delta(line, chat, what)
-                    except _Done:
-                        return
-                    if delta is not None:
-                        yield delta
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, what) from exc
-        raise LlmUnavailable(f"{what}: the stream ended without [DONE]")
-
-    async def models(self) -> list[str]:
-        what = "GET /models"
-        try:
-            response = await self._http.get(
-                "models", timeout=httpx.Timeout(10.0, connect=self.config.connect_timeout_s)
-            )
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, what) from exc
-        _raise_for_status(response.status_code, response.content, what)
-        data = _json(response.content, what)
-        items = data.get("data") if isinstance(data, dict) else None
-        return [str(m.get("id")) for m in items or [] if isinstance(m, dict)]
-
-    async def complete(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        stop: Sequence[str] | None = None,
-        logprobs: int | None = None,
-    ) -> Completion:
-        what = "completion"
-        body = _completion_body(self.config, prompt, max_tokens, temperature, top_p, stop, logprobs, False)
-        return _parse_answer(await self._post("completions", body, what), self.config, False, what)
-
-    async def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        stop: Sequence[str] | None = None,
-        logprobs: bool = False,
-    ) -> Completion:
-        what = "chat completion"
-        body = _chat_body(self.config, messages, max_tokens, temperature, top_p, stop, logprobs, False)
-        return _parse_answer(await self._post("chat/completions", body, what), self.config, True, what)
-
-    def stream_complete(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        stop: Sequence[str] | None = None,
-    ) -> AsyncIterator[str]:
-        body = _completion_body(self.config, prompt, max_tokens, temperature, top_p, stop, None, True)
-        return self._stream("completions", body, False, "streamed completion")
-
-    def stream_chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        stop: Sequence[str] | None = None,
-    ) -> AsyncIterator[str]:
-        body = _chat_body(self.config, messages, max_tokens, temperature, top_p, stop, False, True)
-        return self._stream("chat/completions", body, True, "streamed chat completion")
-
-    async def generate(
-        self,
-        prompt: str,
-        *,
-        system: str | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        stop: Sequence[str] | None = None,
-    ) -> Completion:
-        if self.config.prompt_style == "chat":
-            return await self.chat(
-                _as_messages(prompt, system), max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop
-            )
-        text = f"{system}\n\n{prompt}" if system else prompt
-        return await self.complete(text, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop)
-
-    def stream_generate(
-        self,
-        prompt: str,
-        *,
-        system: str | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        stop: Sequence[str] | None = None,
-    ) -> AsyncIterator[str]:
         if self.config.prompt_style == "chat":
             return self.stream_chat(
                 _as_messages(prompt, system), max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop

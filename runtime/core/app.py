@@ -46,7 +46,7 @@ from runtime.common.tls import peer_certificate
 from runtime.core.embeddings import EmbeddingError
 from runtime.core.ingest import DOC_ID_PATTERN, DocumentTooLarge, IngestError, UnsupportedDocumentType
 from runtime.core.rag import Generation
-from runtime.core.retrieval import SearchMode
+from runtime.core.retrieval import SearchHit, SearchMode
 from runtime.core.service import CoreService
 from runtime.core.settings import CoreSettings
 from runtime.core.store import DEPARTMENT_PATTERN, DocumentNotFound, InvalidDepartment, StoreError
@@ -131,19 +131,8 @@ class IngestResponse(BaseModel):
     changed: bool
 
 
-class Source(BaseModel):
-    chunk_id: str
-    doc_id: str
-    version: int
-    department: str
-    title: str
-    text: str
-    score: float
-    position: int
-
-
 class SearchResponse(BaseModel):
-    results: list[Source]
+    results: list[SearchHit]  # the retriever's own record, serialized as is
     departments: list[str]
     mode: SearchMode
 
@@ -156,7 +145,7 @@ class Usage(BaseModel):
 
 class RagResponse(BaseModel):
     answer: str
-    sources: list[Source]
+    sources: list[SearchHit]
     cached: bool
     model: str
     finish_reason: str | None
@@ -200,10 +189,6 @@ def _departments(departments: list[str]) -> list[str]:
     if not departments:
         raise ApiError(403, "no_departments", "no departments given: nothing is searchable")
     return sorted(set(departments))
-
-
-def _sources(hits: Any) -> list[Source]:
-    return [Source(**h.to_dict()) for h in hits]
 
 
 # -- the app --------------------------------------------------------------------------------------------
@@ -308,7 +293,7 @@ def create_app(settings: CoreSettings, *, service: CoreService | None = None) ->
         _check_query(body.query, "query", settings)
         top_k = min(body.top_k or settings.default_top_k, settings.max_top_k)
         hits = core.search(body.query, departments, top_k=top_k, mode=body.mode)
-        return SearchResponse(results=_sources(hits), departments=departments, mode=body.mode)
+        return SearchResponse(results=list(hits), departments=departments, mode=body.mode)
 
     @internal.post("/rag", response_model=None)
     def rag(body: RagRequest) -> RagResponse | StreamingResponse:
@@ -326,7 +311,7 @@ def create_app(settings: CoreSettings, *, service: CoreService | None = None) ->
         answer = core.rag.answer(body.question, departments, generation, top_k=top_k)
         return RagResponse(
             answer=answer.answer,
-            sources=_sources(answer.sources),
+            sources=list(answer.sources),
             cached=answer.cached,
             model=answer.model,
             finish_reason=answer.finish_reason,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from appliance.lab.model import MODEL_ALIAS
-from runtime.common.llm_client import AsyncLlmClient, LlmClient, LlmConfig, LlmError, LlmUnavailable
+from runtime.common.llm_client import LlmClient, LlmConfig, LlmError, LlmUnavailable
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -54,18 +52,6 @@ def test_chat_endpoint_answers(config: LlmConfig) -> None:
     assert isinstance(result.text, str)
     assert result.finish_reason in ("length", "stop")
     assert all(isinstance(d, str) and d for d in streamed)
-
-
-def test_async_client(config: LlmConfig) -> None:
-    async def run() -> tuple[str, list[str], list[str]]:
-        async with AsyncLlmClient(config) as client:
-            result = await client.generate("One, two,", max_tokens=4, temperature=0.0)
-            deltas = [d async for d in client.stream_generate("One, two,", max_tokens=4, temperature=0.0)]
-            return result.text, deltas, await client.models()
-
-    text, deltas, models = asyncio.run(run())
-    assert "".join(deltas) == text
-    assert MODEL_ALIAS in models
 
 
 def test_errors_carry_the_status_and_the_servers_message(config: LlmConfig) -> None:
