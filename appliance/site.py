@@ -264,6 +264,11 @@ class Licensing(Strict):
     license_file: Pathname
     public_key_file: Pathname | None = None
 
+    @property
+    def public_key_path(self) -> Path:
+        """The vendor's public key: given, or `signing.pub` beside the license."""
+        return self.public_key_file or self.license_file.with_name("signing.pub")
+
 
 class Rbac(Strict):
     policy_file: Pathname

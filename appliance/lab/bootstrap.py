@@ -214,7 +214,7 @@ def ensure_locked_bucket(target: S3Target) -> bool:
 
 def _ensure_license(site: Site, backends: Backends) -> list[str]:
     lic_file = site.licensing.license_file
-    pub_file = site.licensing.public_key_file or lic_file.with_name("signing.pub")
+    pub_file = site.licensing.public_key_path
     try:
         current = verify_license(lic_file, pub_file)
         if current.days_left() > 30:

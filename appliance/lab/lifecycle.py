@@ -15,7 +15,7 @@ from appliance.audit_log import open_audit_db
 from appliance.backends import Backends
 from appliance.errors import CheckFailed, MissingEnvironment, ServiceError
 from appliance.lab import bootstrap, process, smoke
-from appliance.lab.runtime_services import runtime_services
+from appliance.lab.runtime_services import CoreServer, runtime_services
 from appliance.lab.services import EmbeddedService, Health, OpenBao, process_services
 from appliance.lab.state import LabState
 from appliance.site import Site
@@ -117,7 +117,11 @@ def _in_process_health(site: Site, state: LabState) -> list[Health]:
     """Milvus Lite and chDB live inside their users' processes; check them with a real query."""
     backends = Backends(site, state)
     out: list[Health] = []
-    if site.services.vectors.backend == "embedded":
+    core = CoreServer(site, state)
+    if site.services.vectors.backend == "embedded" and process.running(state, core.name) is not None:
+        # Milvus Lite admits one process per file: while the core server holds it, ask the core server.
+        out.append(core.milvus_health(str(backends.milvus_lite_path())))
+    elif site.services.vectors.backend == "embedded":
         try:
             client = backends.vectors()
             try:

@@ -52,9 +52,24 @@ class _RuntimeService(EmbeddedService):
     def argv(self) -> list[str]:
         return [sys.executable, "-m", f"runtime.{self.name}", "--config", str(self.config_file)]
 
-    def _get(self, path: str) -> httpx.Response:
-        with httpx.Client(verify=client_context(admin_tls(self.state)), timeout=5) as client:
+    health_path = "/healthz"
+
+    def _describe(self, response: httpx.Response) -> str:
+        return f"{self.name} (mTLS)"
+
+    def _get(self, path: str, timeout: float = 5) -> httpx.Response:
+        """A request with the lab operator's certificate."""
+        with httpx.Client(verify=client_context(admin_tls(self.state)), timeout=timeout) as client:
             return client.get(f"{self.endpoint}{path}")
+
+    def check(self) -> Health:
+        try:
+            response = self._get(self.health_path)
+        except (httpx.HTTPError, OSError) as exc:
+            return Health(self.name, False, f"no answer: {exc}", self.endpoint)
+        if response.status_code != 200:
+            return Health(self.name, False, f"HTTP {response.status_code}: {response.text[:200]}", self.endpoint)
+        return Health(self.name, True, self._describe(response), self.endpoint)
 
 
 class CoreServer(_RuntimeService):
@@ -73,22 +88,24 @@ class CoreServer(_RuntimeService):
                 "host": self.host,
                 "port": self.port,
                 "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca},
-                "milvus_uri": str(self.state.data_dir / "core-milvus.db"),
+                "milvus_uri": str(backends.milvus_lite_path()),
                 "cache_path": str(self.state.data_dir / "core-cache.sqlite"),
                 "llm": {"base_url": llm.base_url, "model": llm.model, "prompt_style": "completion"},
                 "gateway_subject_prefix": f"gateway.{self.site.site.domain}",
             }
         )
 
-    def check(self) -> Health:
-        # The core server answers only the gateway; its liveness route is open to any site certificate.
+    # The core server answers only the gateway; its liveness route is open to any site certificate.
+    def _describe(self, response: httpx.Response) -> str:
+        return "core server (mTLS)"
+
+    def milvus_health(self, where: str) -> Health:
+        """The vector store as the core server, which holds it, sees it (its readiness check queries it)."""
         try:
-            response = self._get("/healthz")
-        except (httpx.HTTPError, OSError) as exc:
-            return Health(self.name, False, f"no answer: {exc}", self.endpoint)
-        if response.status_code != 200:
-            return Health(self.name, False, f"HTTP {response.status_code}", self.endpoint)
-        return Health(self.name, True, "core server (mTLS)", self.endpoint)
+            check = self._get("/readyz", timeout=30).json()["checks"]["milvus"]
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
+            return Health("vectors", False, f"core server did not report Milvus: {exc}", where)
+        return Health("vectors", bool(check.get("ok")), f"Milvus Lite via core: {check.get('detail')}", where)
 
 
 class Gateway(_RuntimeService):
@@ -115,7 +132,7 @@ class Gateway(_RuntimeService):
                 "core_url": CoreServer(self.site, self.state).endpoint,
                 "rbac_policy": self.site.rbac.policy_file,
                 "license_file": licensing.license_file,
-                "license_public_key": licensing.public_key_file or licensing.license_file.with_name("signing.pub"),
+                "license_public_key": licensing.public_key_path,
                 "service_token_public_key": token_pub,
                 "state_dir": self.state.data_dir / "gateway",
                 "audit": {"dsn": f"chdb://{backends.chdb_path()}", "hmac_key_env": AUDIT_KEY_ENV},
@@ -127,15 +144,10 @@ class Gateway(_RuntimeService):
     def env(self) -> dict[str, str]:
         return {AUDIT_KEY_ENV: self._audit_key}
 
-    def check(self) -> Health:
-        try:
-            response = self._get("/readyz")
-        except (httpx.HTTPError, OSError) as exc:
-            return Health(self.name, False, f"no answer: {exc}", self.endpoint)
-        if response.status_code != 200:
-            return Health(self.name, False, f"not ready: {response.text[:200]}", self.endpoint)
-        days = response.json().get("license_days_left")
-        return Health(self.name, True, f"mTLS, TLS 1.3, license {days} days left", self.endpoint)
+    health_path = "/readyz"  # ready = the core server and the model answer too
+
+    def _describe(self, response: httpx.Response) -> str:
+        return f"mTLS, TLS 1.3, license {response.json().get('license_days_left')} days left"
 
 
 def runtime_services(site: Site, state: LabState) -> list[EmbeddedService]:

@@ -368,7 +368,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             ready = core.status_code == 200
         except httpx.HTTPError:
             ready = False
-        days_left = (deps.license.expires_at - _now()).days
+        days_left = deps.license.days_left()
         body = {"status": "ready" if ready else "not ready", "core": ready, "license_days_left": days_left}
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -510,9 +510,3 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         return JSONResponse(result.json())
 
     return app
-
-
-def _now() -> Any:
-    import datetime as dt
-
-    return dt.datetime.now(dt.UTC)

@@ -206,10 +206,12 @@ def test_llm_completes_a_prompt(lab: tuple[Site, LabState]) -> None:
     assert body["usage"]["completion_tokens"] >= 1
 
 
-def test_in_process_backends_store_and_query(lab: tuple[Site, LabState]) -> None:
+def test_in_process_backends_store_and_query(lab: tuple[Site, LabState], tmp_path: Path) -> None:
     site, state = lab
     backends = Backends(site, state)
-    milvus = backends.vectors()
+    # Milvus Lite admits one process per file and the lab's core server holds the lab's: the factory is
+    # exercised on a state directory of its own.
+    milvus = Backends(site, LabState.at(tmp_path / "own")).vectors()
     try:
         milvus.create_collection("probe", dimension=4)
         milvus.insert("probe", [{"id": 1, "vector": [1.0, 0.0, 0.0, 0.0]}, {"id": 2, "vector": [0.0, 1.0, 0.0, 0.0]}])
