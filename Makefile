@@ -7,14 +7,17 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3
+# Debian's own interpreter (the one the edge image carries): it is built with loadable SQLite extensions,
+# which sqlite-vec needs; pyenv and some other builds are not.
+PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMPS := .stamps
 SITE ?= examples/lab.yaml
 
-# Build tools for llama-cpp-python (compiled from source), venv support, TLS roots.
-APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates
+# Build tools for llama-cpp-python (compiled from source), venv support, TLS roots; headless chromium for
+# the edge chat page test.
+APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates chromium chromium-driver
 # pytest's markers for the tiers `make test` runs (later tiers join as they land).
 TEST_TIERS ?= unit or integration
 PYTEST_ARGS ?=

@@ -40,11 +40,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.common.asgi import limit_receive
+from runtime.common.embeddings import EmbeddingError
 from runtime.common.identity import Identity, NotAnIdentity, identity_from_certificate
+from runtime.common.ingest import DOC_ID_PATTERN, DocumentTooLarge, IngestError, UnsupportedDocumentType
 from runtime.common.llm_client import LlmError, LlmUnavailable
 from runtime.common.tls import peer_certificate
-from runtime.core.embeddings import EmbeddingError
-from runtime.core.ingest import DOC_ID_PATTERN, DocumentTooLarge, IngestError, UnsupportedDocumentType
 from runtime.core.rag import Generation
 from runtime.core.retrieval import SearchHit, SearchMode
 from runtime.core.service import CoreService

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from runtime.core.ingest import EXTENSIONS
+from runtime.common.ingest import EXTENSIONS
 from runtime.core.store import validate_department
 
 T = TypeVar("T")

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from runtime.core.embeddings import Embedder
-from runtime.core.ingest import lexical_form
+from runtime.common.embeddings import Embedder
+from runtime.common.ingest import lexical_form
 from runtime.core.store import OUTPUT_FIELDS, DepartmentStore, milvus_call, validate_department
 
 SearchMode = Literal["hybrid", "dense", "lexical"]

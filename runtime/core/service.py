@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.common.embeddings import Embedder, EmbeddingError
+from runtime.common.ingest import ChunkingConfig, IngestLimits, prepare_document
 from runtime.common.llm_client import LlmClient, LlmClientError
 from runtime.core.cache import ResponseCache
-from runtime.core.embeddings import Embedder, EmbeddingError
-from runtime.core.ingest import ChunkingConfig, IngestLimits, prepare_document
 from runtime.core.rag import RagService
 from runtime.core.retrieval import Retriever, SearchHit, SearchMode
 from runtime.core.settings import CoreSettings

@@ -49,8 +49,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.core.embeddings import DIMENSION
-from runtime.core.ingest import PreparedDocument, lexical_form, valid_doc_id
+from runtime.common.embeddings import DIMENSION
+from runtime.common.ingest import PreparedDocument, lexical_form, valid_doc_id
 
 DEPARTMENT_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 _DEPARTMENT_RE = re.compile(DEPARTMENT_PATTERN)

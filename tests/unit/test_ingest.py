@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from runtime.core.ingest import (
+from runtime.common.ingest import (
     ChunkingConfig,
     DocumentTooLarge,
     EmptyDocument,
