@@ -253,10 +253,56 @@ class Services(Strict):
 # --- edge, licensing, RBAC -------------------------------------------------------------------------
 
 
+class EdgeModel(Strict):
+    """The laptop's local model and how it is sampled (llama.cpp, in the edge agent's process)."""
+
+    name: str = Field(default="gemma-3-270m-q4_k_m", min_length=1, description="shown to users; the packaged Gemma")
+    path: Pathname | None = Field(
+        default=None, description="GGUF file on the laptop; unset = the packaged Gemma 3 270M (lab, tests)"
+    )
+    context_tokens: int = Field(default=2048, ge=256, le=131072)
+    threads: int | None = Field(default=None, ge=1, le=256, description="unset = llama.cpp's default")
+    temperature: float = Field(default=0.2, ge=0, le=2)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    max_tokens: int = Field(default=128, ge=1, le=8192)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+
+
+class EdgeRouting(Strict):
+    """When a question leaves the laptop (sensitive questions never do, whatever these say)."""
+
+    theta: float = Field(default=0.45, gt=0, lt=1, description="escalate when confidence < theta")
+    logprob_weight: float = Field(default=0.5, ge=0, le=1, description="the rest of the weight is retrieval coverage")
+    taxonomy_file: Pathname = Field(
+        default=Path("examples/taxonomy.yaml"), description="department vocabulary for cross-department detection"
+    )
+    local_only_labels: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(
+        default_factory=lambda: ["local-only"], description="chunk labels whose material never leaves the device"
+    )
+
+
+class EdgeSync(Strict):
+    interval_seconds: int = Field(default=30, ge=5, le=86400)
+    max_patch_mb: int = Field(default=20, ge=1, le=1024, description="a larger delta comes as a snapshot")
+    topics: list[Name] = Field(default_factory=list, description="subscribed topics; empty = all of the departments")
+
+
+class EdgeEscalation(Strict):
+    retries: int = Field(default=3, ge=0, le=20, description="tries per gateway before the next one")
+    backoff_seconds: float = Field(default=1.0, gt=0, le=60)
+    backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600)
+
+
 class EdgeProfile(Strict):
     name: Name
     departments: list[Name] = Field(min_length=1)
-    model: str = Field(default="gemma-3-270m-q4_k_m", min_length=1)
+    model: EdgeModel = Field(default_factory=EdgeModel)
+    routing: EdgeRouting = Field(default_factory=EdgeRouting)
+    sync: EdgeSync = Field(default_factory=EdgeSync)
+    escalation: EdgeEscalation = Field(default_factory=EdgeEscalation)
+    pinned_knowledge_chars: int = Field(
+        default=2000, ge=0, le=200_000, description="knowledge precomputed as llama.cpp state (0 = none)"
+    )
     extra_packages: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]] = Field(default_factory=list)
 
 
@@ -283,6 +329,7 @@ class LabPorts(Strict):
     llm: Port = 8081
     core: Port = 8444
     gateway: Port = 8443
+    edge: Port = 8450
 
     @model_validator(mode="after")
     def _distinct(self) -> LabPorts:
@@ -308,6 +355,9 @@ class Lab(Strict):
     ports: LabPorts = Field(default_factory=LabPorts)
     corpus_dir: Pathname = Field(
         default=Path("examples/corpus"), description="<department>/<files> loaded through the gateway on `lab up`"
+    )
+    edge_profile: Name | None = Field(
+        default=None, description="the edge profile of the lab's one edge agent (default: the first profile)"
     )
 
 

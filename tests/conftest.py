@@ -37,9 +37,13 @@ def lab_site_data(state_dir: Path) -> dict[str, Any]:
     data["lab"] = {
         "host": "127.0.0.1",
         "state_dir": str(state_dir),
-        "ports": {name: free_port() for name in ("openbao", "s3", "llm", "core", "gateway")},
+        "ports": {name: free_port() for name in ("openbao", "s3", "llm", "core", "gateway", "edge")},
         "corpus_dir": str(EXAMPLES / "corpus"),
+        "edge_profile": data["lab"]["edge_profile"],
     }
+    for profile in data["edge_profiles"]:
+        if "routing" in profile:
+            profile["routing"]["taxonomy_file"] = str(EXAMPLES / "taxonomy.yaml")
     return data
 
 

@@ -12,6 +12,7 @@ from typer.exceptions import TyperException
 
 from appliance import __version__
 from appliance.cli import audit_log as audit_log_cli
+from appliance.cli import edge as edge_cli
 from appliance.cli import lab as lab_cli
 from appliance.cli import license as license_cli
 from appliance.cli import pki as pki_cli
@@ -36,6 +37,7 @@ app.add_typer(lab_cli.app, name="lab")
 app.add_typer(pki_cli.app, name="pki")
 app.add_typer(audit_log_cli.app, name="audit-log")
 app.add_typer(license_cli.app, name="license")
+app.add_typer(edge_cli.app, name="edge")
 
 
 def _version(value: bool) -> None:

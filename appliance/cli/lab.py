@@ -47,6 +47,9 @@ def up(site_file: Path = SiteOption, state_dir: Path | None = StateDirOption) ->
         print_ok(step)
     if report.ingest is not None:
         print_ok(f"corpus: {report.ingest.files} files, {report.ingest.changed} new or changed")
+    if report.edge_sync is not None:
+        e = report.edge_sync
+        print_ok(f"edge agent: first sync pulled {e['pulled']} records ({e['mode']}, {e['bytes']} bytes)")
     for check in report.smoke:
         print_ok(f"smoke: {check.name} — {check.detail}")
     if not report.changed:

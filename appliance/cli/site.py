@@ -119,7 +119,7 @@ def _edge_profiles(site: Site) -> Table:
         table.add_row(
             escape(profile.name),
             escape(", ".join(profile.departments)),
-            escape(profile.model),
+            escape(profile.model.name),
             escape(", ".join(profile.extra_packages) or "-"),
         )
     return table

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from appliance.audit_log import open_audit_db
 from appliance.backends import Backends
 from appliance.errors import CheckFailed, MissingEnvironment, ServiceError
-from appliance.lab import bootstrap, process, smoke
-from appliance.lab.runtime_services import CoreServer, runtime_services
+from appliance.lab import bootstrap, edge_smoke, process, smoke
+from appliance.lab.edge_agent import edge_services
+from appliance.lab.runtime_services import CoreServer, Gateway, runtime_services
 from appliance.lab.services import EmbeddedService, Health, OpenBao, process_services
 from appliance.lab.state import LabState
 from appliance.site import Site
@@ -35,6 +36,7 @@ class UpReport:
     health: list[Health] = field(default_factory=list)
     ingest: smoke.IngestSummary | None = None
     smoke: list[smoke.SmokeStep] = field(default_factory=list)
+    edge_sync: dict[str, object] | None = None
 
     @property
     def changed(self) -> bool:
@@ -99,6 +101,20 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
             report.ingest = smoke.ingest_corpus(site, state, site.lab.corpus_dir)
             progress("smoke: an answer, a refusal and their audit rows")
             report.smoke = smoke.run(site, state)
+            # The laptop comes last: it pulls the knowledge just loaded on its first sync.
+            ensure(edge_services(site, state))
+            if edge_services(site, state):
+                progress("edge agent: first sync, then a local, an escalated and an offline question")
+                report.edge_sync = edge_smoke.first_sync(site, state)
+                # The offline period stops the gateway: only on an `up` that started something, never to a
+                # lab that is already up and in use.
+                report.smoke += edge_smoke.run(
+                    site,
+                    state,
+                    progress,
+                    restart_gateway=(lambda: _start(Gateway(site, state), progress)) if report.started else None,
+                )
+                report.health = status(site, state)  # the edge agent too, and the gateway after its restart
     except BaseException:
         # All or nothing: do not leave what this call started running behind a failed `up`.
         for service in reversed(started_now):
@@ -158,7 +174,7 @@ def _chdb_health(backends: Backends) -> Health:
 
 def all_services(site: Site, state: LabState) -> list[EmbeddedService]:
     """Every process the lab runs, in start order."""
-    return process_services(site, state) + runtime_services(site, state)
+    return process_services(site, state) + runtime_services(site, state) + edge_services(site, state)
 
 
 def status(site: Site, state: LabState) -> list[Health]:

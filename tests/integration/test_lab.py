@@ -35,29 +35,35 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, LabSta
     state = LabState.at(site.lab.state_dir)
     try:
         report = lifecycle.up(site, state)
-        assert sorted(report.started) == ["core", "gateway", "llm", "openbao", "s3"]
+        assert sorted(report.started) == ["core", "edge", "gateway", "llm", "openbao", "s3"]
         # The corpus went in through the gateway and the smoke proved the data flow end to end.
         assert report.ingest is not None and report.ingest.files >= 9 and report.ingest.changed == report.ingest.files
         assert [s.name for s in report.smoke] == [
             "answered from engineering",
             "cross-department refused",
             "audit rows visible",
+            "edge: local answer",
+            "edge: escalated answer",
+            "edge: offline, queued and answered locally",
+            "edge: delivered after the gateway returned",
         ]
         assert all(s.ok for s in report.smoke), report.smoke
+        # The laptop pulled the knowledge the core just loaded, as a patch (it is far under 20 MB).
+        assert report.edge_sync is not None and report.edge_sync["pulled"] >= 3 and report.edge_sync["mode"] == "patch"
         yield site, state
     finally:
         lifecycle.down(site, state)
 
 
 def _pids(state: LabState) -> dict[str, int]:
-    names = ("openbao", "s3", "llm", "core", "gateway")
+    names = ("openbao", "s3", "llm", "core", "gateway", "edge")
     return {name: rec.pid for name in names if (rec := process.running(state, name))}
 
 
 def test_up_starts_every_service_and_each_answers_a_real_request(lab: tuple[Site, LabState]) -> None:
     site, state = lab
     health = {h.name: h for h in lifecycle.status(site, state)}
-    assert set(health) == {"openbao", "s3", "llm", "core", "gateway", "vectors", "audit_db"}
+    assert set(health) == {"openbao", "s3", "llm", "core", "gateway", "edge", "vectors", "audit_db"}
     assert all(h.ok for h in health.values()), health
     assert "TLS" in health["openbao"].detail
 
@@ -68,7 +74,7 @@ def test_up_twice_is_a_no_op(lab: tuple[Site, LabState]) -> None:
     report = lifecycle.up(site, state)
     assert not report.changed, (report.started, report.bootstrap, report.ingest)
     assert report.ingest is not None and report.ingest.changed == 0
-    assert report.already_running == ["openbao", "s3", "llm", "core", "gateway"]
+    assert report.already_running == ["openbao", "s3", "llm", "core", "gateway", "edge"]
     assert _pids(state) == before
 
 
@@ -268,10 +274,10 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
 
 def test_cli_up_status_down_and_nothing_left_behind(tmp_path: Path) -> None:
     site_file = write_site(tmp_path / "site.yaml", lab_site_data(tmp_path / "state"))
-    up = _cli("lab", "up", "--site", str(site_file))
+    up = _cli("lab", "up", "--site", str(site_file), timeout=600)
     assert up.returncode == 0, up.stderr
     assert "Traceback" not in up.stdout + up.stderr
-    for name in ("openbao", "s3", "llm", "core", "gateway", "vectors", "audit_db"):
+    for name in ("openbao", "s3", "llm", "core", "gateway", "edge", "vectors", "audit_db"):
         assert name in up.stdout
     assert _cli("lab", "status", "--site", str(site_file)).returncode == 0
 
