@@ -39,7 +39,9 @@ def _client(site_file: Path, url: str | None, socket: Path | None, timeout: floa
     if socket is not None:
         if not socket.exists():
             raise MissingEnvironment(f"no edge agent socket at {socket}", hint="is the agent running?")
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://localhost", timeout=timeout)
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://localhost", timeout=timeout
+        )
     if url is None:
         site = load(site_file)
         url = f"http://{site.lab.host}:{site.lab.ports.edge}"

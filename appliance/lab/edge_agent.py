@@ -112,7 +112,9 @@ class EdgeAgentService(EmbeddedService):
             "pinned_knowledge_chars": profile.pinned_knowledge_chars,
         }
         if not profile.routing.taxonomy_file.is_file():
-            raise BadInput(f"edge profile {profile.name}: routing.taxonomy_file {profile.routing.taxonomy_file} does not exist")
+            raise BadInput(
+                f"edge profile {profile.name}: routing.taxonomy_file {profile.routing.taxonomy_file} does not exist"
+            )
         atomic.write_text(self.config_file, json.dumps(config, indent=2) + "\n")
 
     def argv(self) -> list[str]:

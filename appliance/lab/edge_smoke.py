@@ -67,9 +67,7 @@ def run(
     steps: list[SmokeStep] = []
     with _agent(site, state) as client:
         local = _ask(client, LOCAL_QUESTION, wait=60)
-        steps.append(
-            SmokeStep("edge: local answer", local["source"] == "local", f"{local['source']}: {_why(local)}")
-        )
+        steps.append(SmokeStep("edge: local answer", local["source"] == "local", f"{local['source']}: {_why(local)}"))
 
         escalated = _ask(client, ESCALATED_QUESTION, wait=120)
         steps.append(

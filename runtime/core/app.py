@@ -13,11 +13,15 @@ Routes (all under `/internal` require the gateway peer when `require_gateway_pee
     POST   /internal/search      {query, departments[], top_k?, mode?}
     POST   /internal/rag         {question, departments[], max_tokens?, temperature?, top_p?, top_k?, stream?}
     POST   /internal/embeddings  {input: str | [str], model?}  (OpenAI-shaped answer)
+    POST   /internal/sync/push   {replica, records[], clock, departments[]} -> {accepted, clock}
+    POST   /internal/sync/pull   {replica, clock, departments[], topics?, max_patch_bytes?}
+                                 -> {mode, records | null, snapshot_b64 | null, clock, bytes}
     GET    /healthz              liveness
     GET    /readyz               Milvus, embedding model, LLM and cache answer a real request
 
 Errors are JSON `{"error": {"code", "message"}}` with a 4xx status for anything the caller can fix
-(415 unsupported type, 413 too large, 422 invalid, 403 not the gateway / no departments, 404), 502/503
+(415 unsupported type, 413 too large, 422 invalid, 403 not the gateway / no departments / a synced record
+outside the caller's departments, 400 a LoRA record pushed, 404), 502/503
 when the model server or Milvus fails; a 500 means a bug.
 """
 
@@ -34,8 +38,8 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,12 +48,14 @@ from runtime.common.embeddings import EmbeddingError
 from runtime.common.identity import Identity, NotAnIdentity, identity_from_certificate
 from runtime.common.ingest import DOC_ID_PATTERN, DocumentTooLarge, IngestError, UnsupportedDocumentType
 from runtime.common.llm_client import LlmError, LlmUnavailable
+from runtime.common.replica import LoraNotShareable, SyncError, SyncFormatError
 from runtime.common.tls import peer_certificate
 from runtime.core.rag import Generation
 from runtime.core.retrieval import SearchHit, SearchMode
 from runtime.core.service import CoreService
 from runtime.core.settings import CoreSettings
 from runtime.core.store import DEPARTMENT_PATTERN, DocumentNotFound, InvalidDepartment, StoreError
+from runtime.core.sync_hub import SyncForbidden
 
 log = logging.getLogger("membria.core")
 
@@ -117,6 +123,24 @@ class EmbeddingsRequest(_Strict):
     input: str | list[str]
     model: str | None = None  # accepted for OpenAI compatibility; there is one model
     encoding_format: Literal["float"] = "float"
+
+
+class SyncPushRequest(_Strict):
+    """runtime/edge/DESIGN.md "Wire", plus `departments`: the caller's whole sync scope, set by the gateway.
+    Records and the clock are checked field by field by the hub (precise messages), not here."""
+
+    replica: str
+    records: list[Any]
+    clock: dict[str, Any]
+    departments: list[Department]
+
+
+class SyncPullRequest(_Strict):
+    replica: str
+    clock: dict[str, Any]
+    departments: list[Department]  # the subscription (the gateway keeps it inside the caller's scope)
+    topics: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = None
+    max_patch_bytes: int | None = Field(default=None, ge=0)  # capped by the server's sync_max_patch_bytes
 
 
 class IngestResponse(BaseModel):
@@ -344,6 +368,29 @@ def create_app(settings: CoreSettings, *, service: CoreService | None = None) ->
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
+    @internal.post("/sync/push")
+    async def sync_push(request: Request) -> Response:
+        # Read under a limit (a push can be large), then validate: the body is not parsed by FastAPI.
+        limit = settings.sync_max_push_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "too_large", f"push of {declared} bytes; the limit is {limit}")
+        too_large = ApiError(413, "too_large", f"the push is larger than the limit of {limit} bytes")
+        limited = Request(request.scope, receive=limit_receive(request.receive, limit, lambda: too_large))
+        raw = await limited.body()
+        try:
+            body = SyncPushRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from exc
+        result = await run_in_threadpool(core.sync_hub.push, body.replica, body.records, body.clock, body.departments)
+        return JSONResponse(result.to_wire())
+
+    @internal.post("/sync/pull")
+    def sync_pull(body: SyncPullRequest) -> Response:
+        payload = core.sync_hub.pull(body.replica, body.clock, body.departments, body.topics, body.max_patch_bytes)
+        # Encoded here rather than by FastAPI: the records' payloads are already JSON.
+        return Response(payload.encode(), media_type="application/json")
+
     app.include_router(internal)
     return app
 
@@ -417,6 +464,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IngestError, handler(422, "unprocessable_document"))
     app.add_exception_handler(InvalidDepartment, handler(422, "invalid_department"))
     app.add_exception_handler(DocumentNotFound, handler(404, "not_found"))
+    app.add_exception_handler(SyncFormatError, handler(422, "invalid_sync_data"))
+    app.add_exception_handler(SyncForbidden, handler(403, "forbidden"))
+    app.add_exception_handler(LoraNotShareable, handler(400, "lora_refused"))
+    app.add_exception_handler(SyncError, handler(422, "sync_error"))
     app.add_exception_handler(LlmUnavailable, unavailable)
     app.add_exception_handler(LlmError, handler(502, "llm_error"))
     app.add_exception_handler(StoreError, unavailable)

@@ -20,7 +20,15 @@ from runtime.core.cache import ResponseCache
 from runtime.core.rag import RagService
 from runtime.core.retrieval import Retriever, SearchHit, SearchMode
 from runtime.core.settings import CoreSettings
-from runtime.core.store import DepartmentStore, StoredDocument, StoreError, UpsertResult, validate_department
+from runtime.core.store import (
+    DepartmentStore,
+    DocumentNotFound,
+    StoredDocument,
+    StoreError,
+    UpsertResult,
+    validate_department,
+)
+from runtime.core.sync_hub import SyncHub
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,8 @@ class CoreService:
             max_chunks=settings.max_chunks_per_document,
         )
         self.chunking = ChunkingConfig(target_chars=settings.chunk_chars, overlap_chars=settings.chunk_overlap_chars)
+        # The replica devices sync with; ingest below keeps it in step with Milvus.
+        self.sync_hub = SyncHub(settings.sync_hub_file, max_patch_bytes=settings.sync_max_patch_bytes)
         self._closed = threading.Event()
 
     def close(self) -> None:
@@ -76,6 +86,7 @@ class CoreService:
         self._closed.set()
         self.llm.close()
         self.cache.close()
+        self.sync_hub.close()
         self.store.close()
 
     # -- documents --------------------------------------------------------------------------------------
@@ -102,7 +113,9 @@ class CoreService:
             limits=self.limits,
             chunking=self.chunking,
         )
-        result = self.store.upsert_document(prepared, self.embedder.embed)
+        with self.sync_hub.document_lock(department, prepared.doc_id):
+            result = self.store.upsert_document(prepared, self.embedder.embed)
+            self.sync_hub.document_replaced(prepared)  # also when unchanged: a cheap no-op, or a backfill
         if result.changed:
             self.cache.invalidate_document(department, result.doc_id)
         return result
@@ -110,7 +123,13 @@ class CoreService:
     def delete_document(self, department: str, doc_id: str) -> tuple[int, int]:
         """(chunks deleted, cached answers dropped)."""
         validate_department(department)
-        deleted = self.store.delete_document(department, doc_id)
+        with self.sync_hub.document_lock(department, doc_id):
+            try:
+                deleted = self.store.delete_document(department, doc_id)
+            except DocumentNotFound:
+                self.sync_hub.document_deleted(department, doc_id)  # devices must not keep what Milvus lacks
+                raise
+            self.sync_hub.document_deleted(department, doc_id)
         return deleted, self.cache.invalidate_document(department, doc_id)
 
     def list_documents(self, department: str) -> list[StoredDocument]:

@@ -45,6 +45,11 @@ class CoreSettings(BaseModel):
     max_embedding_inputs: int = Field(default=256, ge=1)
     max_embedding_input_chars: int = Field(default=32_000, ge=16)
 
+    # the sync hub (runtime/core/sync_hub.py): its SQLite file, by default next to the response cache
+    sync_hub_path: Path | None = None
+    sync_max_patch_bytes: int = Field(default=20 * 1024 * 1024, ge=0, description="larger deltas go as snapshots")
+    sync_max_push_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="the largest push body")
+
     # who may call: the gateway's service certificate (O=membria-service, CN=gateway.<domain>)
     gateway_subject_prefix: str = Field(default="gateway.", min_length=1)
     require_gateway_peer: bool = True
@@ -56,6 +61,10 @@ class CoreSettings(BaseModel):
         if self.default_top_k > self.max_top_k or self.rag_top_k > self.max_top_k:
             raise ValueError("default_top_k and rag_top_k must not exceed max_top_k")
         return self
+
+    @property
+    def sync_hub_file(self) -> Path:
+        return self.sync_hub_path or self.cache_path.with_name("sync-hub.sqlite")
 
     @property
     def milvus_is_lite(self) -> bool:

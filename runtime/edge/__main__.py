@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -56,16 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         agent = EdgeAgent(settings).start()
     except InvalidFile as exc:
         return _fail(exc.message, 2)
+    # uvicorn drains on SIGINT/SIGTERM and then raises the signal again; without this handler that second
+    # signal would kill the process before `finally` stops the agent (outbox worker flushed, SQLite closed).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stopped)
     try:
         app = create_app(agent)
         if settings.unix_socket is not None:
             settings.unix_socket.parent.mkdir(parents=True, exist_ok=True)
             settings.unix_socket.unlink(missing_ok=True)
             config = uvicorn.Config(app, uds=str(settings.unix_socket), log_level="info", timeout_graceful_shutdown=10)
-            server = uvicorn.Server(config)
             old_umask = os.umask(0o177)  # the socket is created 0600: the laptop user's agent only
             try:
-                server.run()
+                uvicorn.Server(config).run()
             finally:
                 os.umask(old_umask)
         else:
@@ -73,9 +77,15 @@ def main(argv: list[str] | None = None) -> int:
                 app, host=settings.host, port=settings.port or 8450, log_level="info", timeout_graceful_shutdown=10
             )
             uvicorn.Server(config).run()
+    except SystemExit:
+        pass
     finally:
         agent.stop()
     return 0
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from runtime.common import sqlite_db
 from runtime.common.embeddings import Embedder
-from runtime.common.replica import ApplyResult, Record, ReplicaStore, SyncPayload
+from runtime.common.replica import ApplyResult, LocalWrite, ReplicaStore
+from runtime.common.sync_wire import Record, SyncPayload
 from runtime.common.vclock import VectorClock
 from runtime.edge.knowledge import ChunkRecord, KnowledgeCore, KnowledgeHit
 from runtime.edge.local_model import Draft, LocalModel, LocalModelConfig, PinnedPrefix
@@ -74,6 +75,10 @@ class Answer:
         return asdict(self)
 
 
+class SyncRefused(RuntimeError):
+    """The gateway answered a sync call with an error (not reachable is `GatewayUnreachable`)."""
+
+
 @dataclass(frozen=True)
 class SyncReport:
     pushed: int
@@ -93,7 +98,8 @@ class EdgeAgent:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.knowledge = KnowledgeCore(settings.db_path, embedder or Embedder.shared())
         self.replica = ReplicaStore(settings.db_path, settings.device)
-        self.outbox = Outbox(settings.db_path)
+        esc = settings.escalation
+        self.outbox = Outbox(settings.db_path, backoff_base=esc.backoff_seconds, backoff_max=esc.backoff_max_seconds)
         self.taxonomy: Taxonomy = load_taxonomy(settings.routing.taxonomy_file)
         m = settings.model
         self.model = LocalModel(
@@ -111,15 +117,15 @@ class EdgeAgent:
             theta=settings.routing.theta,
             logprob_weight=settings.routing.logprob_weight,
             coverage_weight=1.0 - settings.routing.logprob_weight,
+            local_only_labels=tuple(settings.routing.local_only_labels),
         )
-        esc = settings.escalation
         self.transport = GatewayTransport(
             settings.gateways,
             settings.tls.files(),
             timeout=esc.timeout_seconds,
-            retries_per_endpoint=esc.retries,
+            retries_per_endpoint=esc.retries + 1,
             backoff_base=esc.backoff_seconds,
-            backoff_max=esc.backoff_max_seconds,
+            backoff_max=max(esc.backoff_max_seconds, esc.backoff_seconds),
         )
         self.worker = OutboxWorker(self.outbox, self.transport)
         self._db = sqlite_db.connect(settings.db_path, durable=True)
@@ -127,6 +133,7 @@ class EdgeAgent:
             self._db.executescript(_SCHEMA)
         self._db_lock = threading.Lock()
         self._pinned: PinnedPrefix | None = None
+        self._pinned_chunks: frozenset[str] = frozenset()  # "chunk_id@version" of what the prefix holds
         self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._sync_thread: threading.Thread | None = None
@@ -160,17 +167,18 @@ class EdgeAgent:
         """(Re)compute the cache-augmented prefix from the profile's pinned knowledge."""
         limit = self.settings.pinned_knowledge_chars
         if limit <= 0:
-            self._pinned = None
+            self._pinned, self._pinned_chunks = None, frozenset()
             return None
         chunks = self.knowledge.pinned_chunks(
             self.settings.departments, self.settings.sync.topics or None, max_chars=limit
         )
         if not chunks:
-            self._pinned = None
+            self._pinned, self._pinned_chunks = None, frozenset()
             return None
         text = self.model.pinned_text([c.text for c in chunks])
-        key = ",".join(f"{c.chunk_id}@{c.version}" for c in chunks)
-        self._pinned = self.model.load_or_pin(text, key, self.settings.pinned_state_path)
+        keys = [f"{c.chunk_id}@{c.version}" for c in chunks]
+        self._pinned = self.model.load_or_pin(text, ",".join(keys), self.settings.pinned_state_path)
+        self._pinned_chunks = frozenset(keys)
         return self._pinned
 
     # --- questions ------------------------------------------------------------------------------------
@@ -210,12 +218,12 @@ class EdgeAgent:
         coverage = self.knowledge.coverage(question, hits)
         retrieved = time.monotonic()
         history = [(t.role, t.text) for t in self.knowledge.turns(conversation_id, limit=4)]
-        pinned_ids = set(self._pinned.chunk_keys) if self._pinned is not None else set()
+        pinned, pinned_ids = self._pinned, self._pinned_chunks
         context = [h.text for h in hits[:_CONTEXT_HITS] if f"{h.chunk_id}@{h.version}" not in pinned_ids]
-        prompt = self.model.prompt_for(question, context, history)
+        prompt = self.model.prompt_for(question, context, history, prefix=pinned)
         draft: Draft = self.model.draft(
             prompt,
-            prefix=self._pinned,
+            prefix=pinned,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
@@ -229,7 +237,6 @@ class EdgeAgent:
             coverage=coverage,
             taxonomy=self.taxonomy,
             chunk_labels=[h.labels for h in hits],
-            local_only_labels=self.settings.routing.local_only_labels,
         )
         sources = [_hit_json(h) for h in hits[:_CONTEXT_HITS]]
         timings = {
@@ -387,17 +394,17 @@ class EdgeAgent:
                 f"department '{department}' is not one of this device's: {', '.join(self.settings.departments)}"
             )
         doc_id = doc_id or _doc_id(filename)
-        before = {c.chunk_id for c in self.knowledge.document_chunks(doc_id)}
+        before = set(self.knowledge.document_chunk_ids(department, doc_id))
         chunks = self.knowledge.ingest_document(doc_id, department, filename, data, labels=tuple(labels))
         local_only = bool(set(labels) & set(self.settings.routing.local_only_labels))
         if not local_only:
-            for chunk in chunks:
-                self.replica.local_write(
-                    "chunk", chunk.chunk_id, department=department, topic=chunk.topic, payload=_payload(chunk)
-                )
-            for gone in before - {c.chunk_id for c in chunks}:
-                self.replica.local_write("chunk", gone, department=department, payload={}, deleted=True)
+            writes = [LocalWrite("chunk", c.chunk_id, department, c.topic, _payload(c)) for c in chunks] + [
+                LocalWrite("chunk", gone, department, deleted=True)
+                for gone in sorted(before - {c.chunk_id for c in chunks})
+            ]
+            self.replica.local_write_many(writes)  # one transaction
         self.knowledge.invalidate_answers_for([c.chunk_id for c in chunks] + sorted(before))
+        self.repin()  # the pinned knowledge may include this document now
         return {"doc_id": doc_id, "department": department, "chunks": len(chunks), "local_only": local_only}
 
     # --- sync -----------------------------------------------------------------------------------------
@@ -423,7 +430,7 @@ class EdgeAgent:
             outgoing = self.replica.changes_since(hub_clock)
             pushed = 0
             if outgoing:
-                _, body, _ = self.transport.post_json(
+                body = self._sync_call(
                     "/v1/sync/push",
                     {
                         "replica": self.replica.replica_id,
@@ -433,7 +440,7 @@ class EdgeAgent:
                 )
                 pushed = int(body.get("accepted", 0))
                 hub_clock = hub_clock.merge(VectorClock.from_json(body.get("clock", {})))
-            _, body, _ = self.transport.post_json(
+            body = self._sync_call(
                 "/v1/sync/pull",
                 {
                     "replica": self.replica.replica_id,
@@ -456,7 +463,16 @@ class EdgeAgent:
                 seconds=time.monotonic() - started,
             )
             self.last_sync = {"at": time.time(), **report.to_json()}
-            return report
+        if result.accepted:
+            self.repin()
+        return report
+
+    def _sync_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.transport.post_json(path, body)
+        if response.status != 200 or not isinstance(response.body, dict):
+            detail = response.body.get("error", {}).get("message") if isinstance(response.body, dict) else None
+            raise SyncRefused(f"{path} at {response.endpoint}: HTTP {response.status}: {detail or response.body}")
+        return response.body
 
     def _index(self, result: ApplyResult) -> int:
         """Bring the knowledge core in line with the records a sync changed."""
@@ -479,13 +495,11 @@ class EdgeAgent:
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.settings.sync.interval_seconds):
             try:
-                report = self.sync_now()
-                if report.pulled:
-                    self.repin()
+                self.sync_now()
             except GatewayUnreachable as exc:
                 self.last_sync = {"at": time.time(), "error": str(exc)}
                 log.info("sync skipped: %s", exc)
-            except Exception as exc:  # the loop must survive a bad round; the next one retries
+            except Exception as exc:  # noqa: BLE001 - the loop must survive a bad round; the next one retries
                 self.last_sync = {"at": time.time(), "error": str(exc)}
                 log.warning("sync failed: %s", exc)
 
@@ -506,7 +520,7 @@ class EdgeAgent:
             },
             "theta": self.settings.routing.theta,
             "knowledge": self.knowledge.counts(),
-            "pinned": {"chunks": len(self._pinned.chunk_keys), "tokens": self._pinned.tokens} if self._pinned else None,
+            "pinned": {"chunks": len(self._pinned_chunks), "tokens": self._pinned.tokens} if self._pinned else None,
             "outbox": self.outbox.counts(),
             "sync": {"clock": self.replica.clock().to_json(), "last": self.last_sync},
             "gateways": list(self.settings.gateways),
@@ -532,7 +546,13 @@ def _core_answer(response: Mapping[str, Any] | None) -> str | None:
 
 
 def _payload(chunk: ChunkRecord) -> dict[str, Any]:
-    return {"doc_id": chunk.doc_id, "title": chunk.title, "text": chunk.text, "labels": list(chunk.labels)}
+    return {
+        "doc_id": chunk.doc_id,
+        "title": chunk.title,
+        "text": chunk.text,
+        "labels": list(chunk.labels),
+        "chunk_index": chunk.position,
+    }
 
 
 def _chunk_from_record(record: Record) -> ChunkRecord:
@@ -546,6 +566,7 @@ def _chunk_from_record(record: Record) -> ChunkRecord:
         version=record.lamport,
         topic=record.topic,
         labels=tuple(str(x) for x in p.get("labels", [])),
+        position=int(p.get("chunk_index", 0)),
     )
 
 

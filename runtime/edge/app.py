@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from runtime.common.ingest import IngestError
-from runtime.edge.agent import EdgeAgent, Sampling
+from runtime.edge.agent import EdgeAgent, Sampling, SyncRefused
 from runtime.edge.transport import GatewayUnreachable
 
 STATIC = Path(__file__).parent / "static"
@@ -148,5 +148,7 @@ def create_app(agent: EdgeAgent) -> FastAPI:
             return agent.sync_now().to_json()
         except GatewayUnreachable as exc:
             return _error(503, "gateway_unreachable", str(exc))
+        except SyncRefused as exc:
+            return _error(502, "sync_refused", str(exc))
 
     return app

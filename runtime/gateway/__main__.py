@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,11 +69,22 @@ def main(argv: list[str] | None = None) -> int:
         config = uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10, **tls
         )
-        uvicorn.Server(config).run()
+        # uvicorn drains on SIGINT/SIGTERM and then raises the signal again; without this handler that
+        # second signal would kill the process before `finally` flushes the audit queue.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _stopped)
+        try:
+            uvicorn.Server(config).run()
+        except SystemExit:
+            pass
     finally:
         writer.close()  # graceful shutdown: every accepted request's audit row is written
         seats.close()
     return 0
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,16 @@ limited and leaves one audit row. It forwards to the core server over mTLS with 
 
 Authentication: the verified client certificate (CN = user or device id, OU = departments, O = kind),
 or, for service accounts without a certificate, a short-lived EdDSA bearer token.
+
+Edge devices escalate with an `Idempotency-Key` on POST /v1/chat/completions: a repeated key is answered
+from the gateway's store (runtime/gateway/idempotency.py) without a second call to the core. They sync
+through POST /v1/sync/push and /v1/sync/pull (RBAC action `sync`), which go on to the core's sync hub.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -14,15 +20,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,8 +37,19 @@ from runtime.common import service_tokens
 from runtime.common.asgi import limit_receive
 from runtime.common.identity import Identity, NotAnIdentity, identity_from_certificate
 from runtime.common.license import License, SeatLedger
-from runtime.common.rbac import Action, Policy, decide
+from runtime.common.rbac import NAME_PATTERN, Action, Policy, decide
+from runtime.common.sync_wire import MAX_RECORD_ID_CHARS, MAX_TOPIC_CHARS
 from runtime.common.tls import client_context, peer_certificate
+from runtime.common.vclock import MAX_COUNTER, REPLICA_PATTERN
+from runtime.gateway.idempotency import (
+    IdempotencyStore,
+    InvalidKey,
+    KeyInProgress,
+    KeyReused,
+    Replay,
+    request_hash,
+    validate_key,
+)
 from runtime.gateway.ratelimit import RateLimiter, retry_after_header
 from runtime.gateway.revocation import RevocationList
 from runtime.gateway.settings import GatewaySettings
@@ -74,6 +91,44 @@ class SearchRequest(Strict):
     query: str = Field(min_length=1, max_length=4000)
     departments: list[str] | None = Field(default=None, max_length=50)
     top_k: int = Field(default=5, ge=1, le=50)
+
+
+# Sync (runtime/edge/DESIGN.md, "Wire"): the gateway checks shapes and scope, the core's hub merges (and checks
+# each record again, field by field). Limits are the hub's own (runtime.common.vclock / sync_wire).
+ReplicaId = Annotated[str, Field(pattern=REPLICA_PATTERN)]
+ClockValue = Annotated[StrictInt, Field(ge=0, le=MAX_COUNTER)]
+Clock = dict[ReplicaId, ClockValue]
+DepartmentName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class SyncRecord(Strict):
+    kind: Literal["chunk", "reasoning", "lora"]  # lora is named only to be refused with a clear 400
+    record_id: str = Field(min_length=1, max_length=MAX_RECORD_ID_CHARS)
+    department: DepartmentName
+    topic: str | None = Field(default=None, min_length=1, max_length=MAX_TOPIC_CHARS)
+    origin: ReplicaId
+    seq: Annotated[StrictInt, Field(ge=1, le=MAX_COUNTER)]
+    lamport: Annotated[StrictInt, Field(ge=1, le=MAX_COUNTER)]
+    payload: dict[str, Any] | None = Field(description="a JSON object; null or {} for a deleted record")
+    deleted: StrictBool
+
+
+class SyncPushRequest(Strict):
+    replica: ReplicaId
+    records: list[SyncRecord] = Field(max_length=100_000)
+    clock: Clock
+
+
+class SyncPullRequest(Strict):
+    replica: ReplicaId
+    clock: Clock
+    departments: list[DepartmentName] = Field(
+        default_factory=list, max_length=50, description="the subscription; empty: the caller's whole sync scope"
+    )
+    topics: list[Annotated[str, Field(min_length=1, max_length=MAX_TOPIC_CHARS)]] | None = Field(
+        default=None, max_length=200
+    )
+    max_patch_bytes: int = Field(default=20 * 1024 * 1024, ge=0, le=1024 * 1024 * 1024)
 
 
 # --- per-request context ------------------------------------------------------------------------------
@@ -140,6 +195,7 @@ class GatewayDeps:
     audit: AuditSubmit
     audit_has_capacity: Callable[[], bool] = lambda: True
     core: httpx.AsyncClient | None = None
+    idempotency: IdempotencyStore | None = None  # opened from the settings at start-up when not given
 
 
 def create_app(deps: GatewayDeps) -> FastAPI:
@@ -157,6 +213,18 @@ def create_app(deps: GatewayDeps) -> FastAPI:
     )
     latency = Histogram("membria_gateway_request_seconds", "Request latency", ["route"], registry=registry)
     decisions = Counter("membria_gateway_decisions_total", "Authorization decisions", ["decision"], registry=registry)
+    core_requests = Counter(
+        "membria_gateway_core_requests_total", "Requests sent to the core server", ["path"], registry=registry
+    )
+    keyed_outcomes = Counter(
+        "membria_gateway_idempotency_total",
+        "Requests with an Idempotency-Key by outcome",
+        ["outcome"],
+        registry=registry,
+    )
+    # Upstream calls made for an Idempotency-Key run as tasks of their own: a client that disconnects does not
+    # cancel them, so the answer is stored and its retry is replayed rather than sent to the core again.
+    keyed_calls: set[asyncio.Task[Any]] = set()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -166,8 +234,21 @@ def create_app(deps: GatewayDeps) -> FastAPI:
                 verify=client_context(settings.tls.files()),
                 timeout=settings.core_timeout_seconds,
             )
-        yield
-        await deps.core.aclose()
+        own_store = deps.idempotency is None
+        if deps.idempotency is None:
+            deps.idempotency = IdempotencyStore(
+                settings.idempotency_path,
+                ttl_seconds=settings.idempotency.ttl_seconds,
+                lease_seconds=settings.core_timeout_seconds + 30,  # past it, the holder's call has timed out
+            )
+        try:
+            yield
+        finally:
+            if keyed_calls:  # let answers being computed for a key be stored before the store closes
+                await asyncio.wait(keyed_calls, timeout=settings.core_timeout_seconds)
+            await deps.core.aclose()
+            if own_store:
+                deps.idempotency.close()
 
     app = FastAPI(
         title="Membria gateway",
@@ -331,6 +412,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         """One call to the core server; a refusal or a failure becomes the matching GatewayError. With
         `stream=True` the body is left unread (the caller closes the response) unless the call failed."""
         assert deps.core is not None
+        core_requests.labels(path).inc()
         try:
             response = await deps.core.send(deps.core.build_request(method, path, **kwargs), stream=stream)
             if stream and response.status_code >= 400:
@@ -380,8 +462,25 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
     @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
     async def chat_completions(
-        body: ChatRequest, request: Request, ident: Identity = Authenticated
+        body: ChatRequest,
+        request: Request,
+        ident: Identity = Authenticated,
+        idempotency_key: str | None = Header(
+            default=None,
+            alias="Idempotency-Key",
+            description="1-128 characters [A-Za-z0-9_-:.]; a repeated key is answered from the gateway's store "
+            "(header Idempotent-Replayed: true) without calling the core again. Not with stream=true.",
+        ),
     ) -> JSONResponse | StreamingResponse:
+        if idempotency_key is not None:
+            try:
+                validate_key(idempotency_key)
+            except InvalidKey as exc:
+                raise GatewayError(400, "invalid_idempotency_key", str(exc)) from exc
+            if body.stream:
+                raise GatewayError(
+                    400, "idempotency_not_streamable", "an Idempotency-Key is accepted only with stream=false"
+                )
         check_model(request, body.model)
         scope = authorize(request, ident, "chat")
         question = next((m.content for m in reversed(body.messages) if m.role == "user"), "")
@@ -403,28 +502,82 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             return StreamingResponse(
                 _stream_chat(request, upstream, body.model, completion_id, created), media_type="text/event-stream"
             )
-        answer = (await core_call("POST", "/internal/rag", json={**payload, "stream": False})).json()
-        ctx = _ctx(request)
-        usage = answer.get("usage") or {}
-        ctx.prompt_tokens = int(usage.get("prompt_tokens", 0))
-        ctx.completion_tokens = int(usage.get("completion_tokens", 0))
-        return JSONResponse(
-            {
+
+        async def answer() -> dict[str, Any]:
+            result = (await core_call("POST", "/internal/rag", json={**payload, "stream": False})).json()
+            ctx = _ctx(request)
+            usage = result.get("usage") or {}
+            ctx.prompt_tokens = int(usage.get("prompt_tokens", 0))
+            ctx.completion_tokens = int(usage.get("completion_tokens", 0))
+            return {
                 "id": completion_id,
                 "object": "chat.completion",
                 "created": created,
                 "model": body.model,
                 "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": answer["answer"]}, "finish_reason": "stop"}
+                    {"index": 0, "message": {"role": "assistant", "content": result["answer"]}, "finish_reason": "stop"}
                 ],
                 "usage": {
                     "prompt_tokens": ctx.prompt_tokens,
                     "completion_tokens": ctx.completion_tokens,
                     "total_tokens": ctx.prompt_tokens + ctx.completion_tokens,
                 },
-                "membria": {"sources": answer.get("sources", []), "cached": answer.get("cached", False)},
+                "membria": {"sources": result.get("sources", []), "cached": result.get("cached", False)},
             }
-        )
+
+        if idempotency_key is None:
+            return JSONResponse(await answer())
+        return await idempotent(request, ident, idempotency_key, body.model_dump(mode="json"), answer)
+
+    async def idempotent(
+        request: Request,
+        ident: Identity,
+        key: str,
+        request_body: dict[str, Any],
+        produce: Callable[[], Awaitable[dict[str, Any]]],
+    ) -> JSONResponse:
+        """Answer from the store when `key` was answered before; otherwise produce the answer once and store it."""
+        store = deps.idempotency
+        assert store is not None
+        ctx = _ctx(request)
+        route = request.url.path
+        # The key is the client's text: the audit row names a digest of it, never the text itself.
+        tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+        try:
+            outcome = await store.begin(
+                ident.key,
+                key,
+                request_hash({"route": route, "body": request_body}),
+                wait_seconds=settings.idempotency.wait_seconds,
+            )
+        except KeyReused as exc:
+            keyed_outcomes.labels("reused").inc()
+            raise GatewayError(422, "idempotency_key_reused", str(exc)) from exc
+        except KeyInProgress as exc:
+            keyed_outcomes.labels("in_progress").inc()
+            raise GatewayError(409, "idempotency_in_progress", str(exc), headers={"Retry-After": "2"}) from exc
+        if isinstance(outcome, Replay):
+            keyed_outcomes.labels("replayed").inc()
+            ctx.reason = f"{ctx.reason}; idempotent replay (key #{tag})"
+            return JSONResponse(
+                outcome.response.body, status_code=outcome.response.status, headers={"Idempotent-Replayed": "true"}
+            )
+        keyed_outcomes.labels("claimed").inc()
+        ctx.reason = f"{ctx.reason}; idempotency key #{tag}"
+
+        async def call_and_store() -> dict[str, Any]:
+            try:
+                result = await produce()
+                await asyncio.to_thread(store.complete, ident.key, key, 200, result)
+            except BaseException:
+                store.release(ident.key, key)  # synchronous: no await may be cancelled before the release
+                raise
+            return result
+
+        task = asyncio.create_task(call_and_store())
+        keyed_calls.add(task)
+        task.add_done_callback(keyed_calls.discard)
+        return JSONResponse(await asyncio.shield(task))
 
     async def _stream_chat(
         request: Request, upstream: httpx.Response, model: str, completion_id: str, created: int
@@ -508,5 +661,34 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             "POST", "/internal/search", json={"query": body.query, "departments": list(scope), "top_k": body.top_k}
         )
         return JSONResponse(result.json())
+
+    @app.post("/v1/sync/push", tags=["sync"])
+    async def sync_push(body: SyncPushRequest, request: Request, ident: Identity = Authenticated) -> Response:
+        """A replica's changes for the core's hub. Every record's department must be in the caller's sync scope;
+        LoRA adapters never leave their device, so a push carrying one is refused whole."""
+        for index, record in enumerate(body.records):
+            if record.kind == "lora":
+                raise GatewayError(
+                    400,
+                    "lora_refused",
+                    f"records[{index}] ({record.record_id!r}) is a LoRA adapter: adapters never leave their device",
+                )
+        requested = sorted({r.department for r in body.records})
+        authorize(request, ident, "sync", requested)
+        # The hub is told everything the caller may sync, not only what this push touches.
+        allowed = decide(deps.policy, ident, "sync").allowed_departments
+        forwarded = {**body.model_dump(mode="json"), "departments": list(allowed)}
+        result = await core_call("POST", "/internal/sync/push", json=forwarded)
+        return Response(result.content, status_code=result.status_code, media_type="application/json")
+
+    @app.post("/v1/sync/pull", tags=["sync"])
+    async def sync_pull(body: SyncPullRequest, request: Request, ident: Identity = Authenticated) -> Response:
+        """The changes the caller has not seen in its subscription (a patch, or a snapshot when large).
+        An empty `departments` subscribes to every department the caller may sync."""
+        scope = authorize(request, ident, "sync", body.departments or None)
+        forwarded = {**body.model_dump(mode="json"), "departments": list(scope)}
+        result = await core_call("POST", "/internal/sync/pull", json=forwarded)
+        # Passed through as bytes: a snapshot can be large, and the gateway has no reason to parse it.
+        return Response(result.content, status_code=result.status_code, media_type="application/json")
 
     return app

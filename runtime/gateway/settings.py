@@ -39,6 +39,18 @@ class AuditSettings(Frozen):
     password_env: str | None = Field(default=None, description="env var with the ClickHouse password, if any")
 
 
+class IdempotencySettings(Frozen):
+    path: Path | None = Field(
+        default=None,
+        description="SQLite file of answered Idempotency-Keys (default: state_dir/idempotency.sqlite); gateways "
+        "that share it deduplicate across each other",
+    )
+    ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60, description="how long an answer is kept for replays")
+    wait_seconds: float = Field(
+        default=15.0, ge=0, le=600, description="how long a request waits for a concurrent one with the same key"
+    )
+
+
 class GatewaySettings(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=1, le=65535)
@@ -54,3 +66,8 @@ class GatewaySettings(Frozen):
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     core_timeout_seconds: float = Field(default=120.0, gt=0)
+    idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
+
+    @property
+    def idempotency_path(self) -> Path:
+        return self.idempotency.path or self.state_dir / "idempotency.sqlite"

@@ -28,7 +28,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,20 +43,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ruamel.yaml import YAML
 
-from appliance.backends import Backends
-from appliance.lab import bootstrap, lifecycle, process
+from appliance.lab import bootstrap, process
 from appliance.lab.runtime_services import AUDIT_KEY_ENV, admin_tls
 from appliance.lab.services import LlamaServer
-from appliance.lab.state import LabState
 from appliance.license import sign_license
-from appliance.pki import IssuedCertificate, Pki
-from appliance.site import Site
 from runtime.common import service_tokens
 from runtime.common.audit import pseudonymize
 from runtime.common.license import License
 from runtime.common.tls import TlsFiles, client_context
 from runtime.core.settings import CoreSettings
-from tests.conftest import EXAMPLES, REPO, free_port, lab_site_data, write_site
+from tests.conftest import EXAMPLES, REPO, free_port
+from tests.integration.conftest import GatewayLab, audit_rows, gateway_env
 
 pytestmark = pytest.mark.integration
 
@@ -89,88 +85,6 @@ class Corpus:
     secret: str  # appears only in the engineering document
     phrase: str  # what to ask about to reach it
     doc_ids: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class GatewayLab:
-    site: Site
-    state: LabState
-    site_file: Path
-    certs: Path
-    backends: Backends
-    pki: Pki
-    model: str
-    _issued: dict[str, TlsFiles] = field(default_factory=dict)
-
-    @property
-    def port(self) -> int:
-        return self.site.lab.ports.gateway
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def ca(self) -> Path:
-        return bootstrap.ca_chain_path(self.state)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.state.root / "config" / "gateway.json").read_text())
-        return data
-
-    def audit_key(self) -> bytes:
-        return bytes.fromhex(self.backends.read_secret(bootstrap.AUDIT_HMAC_PATH)["key_hex"])
-
-    def issue(self, role: str, cn: str, ou: str | None = None, *, ttl: str | None = None) -> IssuedCertificate:
-        return self.pki.issue(role, cn, ou=ou, ttl=ttl)
-
-    def files(self, cert: IssuedCertificate, name: str) -> TlsFiles:
-        paths = cert.write(self.certs / name, "client")
-        return TlsFiles(cert=paths["certificate"], key=paths["private_key"], ca=self.ca)
-
-    def who(self, name: str) -> TlsFiles:
-        """The certificate of a named identity (issued once per module)."""
-        if name == "ops-admin":
-            return admin_tls(self.state)
-        if name not in self._issued:
-            role, cn, ou = IDENTITIES[name]
-            self._issued[name] = self.files(self.issue(role, cn, ou), name)
-        return self._issued[name]
-
-    def client(self, who: str | TlsFiles | None, *, url: str | None = None, **kwargs: Any) -> httpx.Client:
-        if who is None:  # no client certificate at all; still verifies the gateway against the site CA
-            verify: ssl.SSLContext = ssl.create_default_context(cafile=str(self.ca))
-        else:
-            verify = client_context(self.who(who) if isinstance(who, str) else who)
-        return httpx.Client(base_url=url or self.url, verify=verify, timeout=120, **kwargs)
-
-    def token(self, service: str, departments: list[str]) -> str:
-        key = bootstrap.ed25519_from_vault(self.backends, bootstrap.SERVICE_TOKEN_KEY_PATH)
-        return service_tokens.issue(key, service, departments)
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayLab]:
-    root = tmp_path_factory.mktemp("gateway-lab")
-    data = lab_site_data(root / "state")
-    site_file = write_site(root / "site.yaml", data)
-    site = Site.model_validate(data)
-    state = LabState.at(site.lab.state_dir)
-    try:
-        lifecycle.up(site, state)
-        backends = Backends(site, state)
-        yield GatewayLab(
-            site=site,
-            state=state,
-            site_file=site_file,
-            certs=root / "certs",
-            backends=backends,
-            pki=Pki.for_site(site, backends.vault()),
-            model=backends.llm().model,
-        )
-    finally:
-        lifecycle.down(site, state)
 
 
 @pytest.fixture(scope="module")
@@ -779,10 +693,6 @@ def _signed_license(lab: GatewayLab, *, seats: int, issued: dt.datetime, expires
     return sign_license(lic, key)
 
 
-def _gateway_env(lab: GatewayLab) -> dict[str, str]:
-    return {**os.environ, AUDIT_KEY_ENV: lab.audit_key().hex()}
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
@@ -816,7 +726,7 @@ def test_the_gateway_refuses_to_start_without_a_valid_license(lab: GatewayLab, t
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.gateway", "--config", str(config_file)],
         cwd=REPO,
-        env=_gateway_env(lab),
+        env=gateway_env(lab),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -885,7 +795,7 @@ def aux(lab: GatewayLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.gateway", "--config", str(root / "gateway.json")],
         cwd=REPO,
-        env=_gateway_env(lab),
+        env=gateway_env(lab),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -1091,57 +1001,6 @@ def test_a_model_failure_mid_stream_ends_the_stream_as_an_error(lab: GatewayLab)
 
 
 # --- audit --------------------------------------------------------------------------------------------------------
-
-_AUDIT_QUERY = textwrap.dedent(
-    """
-    import json, sys, time
-    from ruamel.yaml import YAML
-    from appliance.backends import Backends
-    from appliance.lab.state import LabState
-    from appliance.site import Site
-    from runtime.common.audit import AuditDbBusy, is_engine_lock_error
-
-    site = Site.model_validate(YAML(typ="safe").load(open(sys.argv[1])))
-    backends = Backends(site, LabState.at(site.lab.state_dir))
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client = backends.audit_db()
-            break
-        except AuditDbBusy:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-        except Exception as exc:
-            # The gateway took the engine between the free-check and the open; a failed open may leave
-            # this process's chDB unusable, so the caller starts a fresh one.
-            if is_engine_lock_error(exc):
-                sys.exit(75)
-            raise
-    try:
-        result = client.query("SELECT * FROM audit_log ORDER BY seq")
-        rows = [dict(zip(result.column_names, row)) for row in result.result_rows]
-    finally:
-        client.close()
-    json.dump(rows, sys.stdout, default=str)
-    """
-)
-
-
-def audit_rows(lab: GatewayLab) -> list[dict[str, Any]]:
-    for _ in range(20):
-        done = subprocess.run(
-            [sys.executable, "-c", _AUDIT_QUERY, str(lab.site_file)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode != 75:  # 75: lost the race for the engine to the gateway's writer; try again
-            break
-    assert done.returncode == 0, done.stderr
-    rows: list[dict[str, Any]] = json.loads(done.stdout)
-    return rows
 
 
 def verify_audit_log(lab: GatewayLab) -> int:
