@@ -80,6 +80,7 @@ class EdgeAgentService(EmbeddedService):
             "host": self.host,
             "port": self.port,
             "gateways": [Gateway(self.site, self.state).endpoint],
+            "core_model": Backends(self.site, self.state).llm().model,
             "tls": {"cert": str(cert), "key": str(key), "ca": str(bootstrap.ca_chain_path(self.state))},
             "model": {
                 "name": m.name,

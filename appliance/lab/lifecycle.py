@@ -95,7 +95,7 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
         report.bootstrap = bootstrap.run(site, state)
         # The runtime needs what the bootstrap made (certificates, license, keys in Vault).
         ensure(runtime_services(site, state))
-        report.health = status(site, state)
+        report.health = status(site, state, edge=False)  # the edge agent starts after the corpus is in
         if all(h.ok for h in report.health):
             progress(f"loading {site.lab.corpus_dir} through the gateway")
             report.ingest = smoke.ingest_corpus(site, state, site.lab.corpus_dir)
@@ -172,14 +172,15 @@ def _chdb_health(backends: Backends) -> Health:
     return Health("audit_db", True, f"chDB (ClickHouse {version})", endpoint)
 
 
-def all_services(site: Site, state: LabState) -> list[EmbeddedService]:
+def all_services(site: Site, state: LabState, *, edge: bool = True) -> list[EmbeddedService]:
     """Every process the lab runs, in start order."""
-    return process_services(site, state) + runtime_services(site, state) + edge_services(site, state)
+    core = process_services(site, state) + runtime_services(site, state)
+    return core + edge_services(site, state) if edge else core
 
 
-def status(site: Site, state: LabState) -> list[Health]:
+def status(site: Site, state: LabState, *, edge: bool = True) -> list[Health]:
     out: list[Health] = []
-    for service in all_services(site, state):
+    for service in all_services(site, state, edge=edge):
         if process.running(state, service.name) is None:
             out.append(Health(service.name, False, "not running", service.endpoint))
         else:

@@ -292,7 +292,7 @@ class EdgeAgent:
 
     def _escalation_body(self, question: str, sampling: Sampling) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": "membria-core",
+            "model": self.settings.core_model,
             "messages": [{"role": "user", "content": question}],
             "max_tokens": min(sampling.max_tokens or 256, 1024),
         }

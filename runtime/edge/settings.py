@@ -69,6 +69,7 @@ class EdgeSettings(Frozen):
     port: int | None = Field(default=8450, ge=1, le=65535)
     unix_socket: Path | None = Field(default=None, description="listen on this socket instead of host:port")
     gateways: list[str] = Field(min_length=1, description="https URLs, primary first")
+    core_model: str = Field(min_length=1, description="the model the gateway serves, named in escalations")
     tls: DeviceTls
     model: ModelSettings
     routing: RoutingSettings

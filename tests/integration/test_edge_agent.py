@@ -94,6 +94,7 @@ class Agent:
                     "data_dir": str(root / "data"),
                     "port": self.port,
                     "gateways": [dead_gateway],
+                    "core_model": "gemma-3-270m-q4_k_m",
                     "tls": _device_pki(root),
                     "model": {"path": str(ensure_gemma()), "context_tokens": 2048, "max_tokens": 48},
                     "routing": {"theta": 0.45, "taxonomy_file": str(EXAMPLES / "taxonomy.yaml")},

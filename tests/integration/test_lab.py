@@ -212,6 +212,57 @@ def test_llm_completes_a_prompt(lab: tuple[Site, LabState]) -> None:
     assert body["usage"]["completion_tokens"] >= 1
 
 
+def _edge(site: Site, state: LabState) -> httpx.Client:
+    from appliance.lab.edge_agent import EdgeAgentService
+
+    return httpx.Client(base_url=EdgeAgentService(site, state).endpoint, timeout=300)
+
+
+def _upload_as_admin(site: Site, state: LabState, name: str, text: str) -> None:
+    from appliance.lab.runtime_services import Gateway, admin_tls
+    from runtime.common.tls import client_context
+
+    with httpx.Client(verify=client_context(admin_tls(state)), timeout=120) as client:
+        r = client.post(
+            f"{Gateway(site, state).endpoint}/v1/knowledge/documents",
+            data={"department": "engineering", "doc_id": name},
+            files={"file": (f"{name}.md", text.encode())},
+        )
+    assert r.status_code == 201, r.text
+
+
+def test_edge_agent_pulls_new_core_knowledge_and_drops_answers_it_made_stale(lab: tuple[Site, LabState]) -> None:
+    site, state = lab
+    question = "How often must the oil of compressor C-7 be changed?"
+    _upload_as_admin(site, state, "compressor-c7", "# Compressor C-7\n\nChange the C-7 oil every 2000 hours.\n")
+    with _edge(site, state) as edge:
+        pulled = edge.post("/api/sync").json()
+        assert pulled["pulled"] >= 1 and pulled["mode"] == "patch", pulled
+        first = edge.post("/api/ask", json={"question": question}).json()
+        assert any(s["doc_id"] == "compressor-c7" for s in first["sources"]), first["sources"]
+        assert all(s["department"] == "engineering" for s in first["sources"])
+        assert edge.post("/api/ask", json={"question": question}).json()["source"] == "cache"
+
+        _upload_as_admin(site, state, "compressor-c7", "# Compressor C-7\n\nChange the C-7 oil every 3000 hours.\n")
+        again = edge.post("/api/sync").json()
+        assert again["pulled"] >= 1 and again["invalidated_answers"] >= 1, again
+        assert edge.post("/api/ask", json={"question": question}).json()["source"] != "cache"
+        assert edge.post("/api/sync").json()["pulled"] == 0  # nothing new: an empty patch
+
+
+def test_edge_cli_against_the_lab(lab: tuple[Site, LabState], tmp_path: Path) -> None:
+    site, state = lab
+    site_file = write_site(tmp_path / "site.yaml", site.model_dump(mode="json"))
+    status = _cli("edge", "status", "--site", str(site_file))
+    assert status.returncode == 0, status.stderr
+    assert "lab-laptop-1" in status.stdout and "engineering-laptop" in status.stdout
+    ask = _cli("edge", "ask", "What is the discount limit before sales quotes need approval?", "--site", str(site_file))
+    assert ask.returncode == 0, ask.stderr
+    assert "source: core" in ask.stdout and "cross-department" in ask.stdout
+    sync = _cli("edge", "sync", "--site", str(site_file))
+    assert sync.returncode == 0 and "pulled" in sync.stdout, sync.stderr
+
+
 def test_in_process_backends_store_and_query(lab: tuple[Site, LabState], tmp_path: Path) -> None:
     site, state = lab
     backends = Backends(site, state)
