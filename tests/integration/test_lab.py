@@ -251,7 +251,7 @@ def test_edge_agent_pulls_new_core_knowledge_and_drops_answers_it_made_stale(lab
 
 
 def test_edge_cli_against_the_lab(lab: tuple[Site, LabState], tmp_path: Path) -> None:
-    site, state = lab
+    site, _ = lab
     site_file = write_site(tmp_path / "site.yaml", site.model_dump(mode="json"))
     status = _cli("edge", "status", "--site", str(site_file))
     assert status.returncode == 0, status.stderr
