@@ -142,7 +142,8 @@ def bench_retrieval(
         ]
         started = time.perf_counter()
         for start in range(0, size, 5000):
-            core.upsert_chunks(records[start : start + 5000], vectors=vectors[start : start + 5000].tolist())
+            end = min(start + 5000, size)
+            core.upsert_chunks(records[start:end], vectors=vectors[start:end].tolist())
         load_s = time.perf_counter() - started
         hybrid = _time_each(lambda q, c=core: c.search(q, ["engineering"], k=5), queries)  # type: ignore[misc]
         matrix = vectors[:size]

@@ -662,6 +662,14 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         )
         return JSONResponse(result.json())
 
+    def check_replica(ident: Identity, replica: str) -> None:
+        """A device syncs as itself: its replica id is its certificate's host name (the CN's first label), so
+        one laptop cannot push or pull under another's id. Operators may act for any replica."""
+        if ident.kind == "device" and replica not in (ident.subject, ident.subject.split(".", 1)[0]):
+            raise GatewayError(
+                403, "forbidden", f"device {ident.subject} may sync only as replica {ident.subject.split('.', 1)[0]!r}"
+            )
+
     @app.post("/v1/sync/push", tags=["sync"])
     async def sync_push(body: SyncPushRequest, request: Request, ident: Identity = Authenticated) -> Response:
         """A replica's changes for the core's hub. Every record's department must be in the caller's sync scope;
@@ -675,6 +683,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
                 )
         requested = sorted({r.department for r in body.records})
         authorize(request, ident, "sync", requested)
+        check_replica(ident, body.replica)
         # The hub is told everything the caller may sync, not only what this push touches.
         allowed = decide(deps.policy, ident, "sync").allowed_departments
         forwarded = {**body.model_dump(mode="json"), "departments": list(allowed)}
@@ -686,6 +695,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         """The changes the caller has not seen in its subscription (a patch, or a snapshot when large).
         An empty `departments` subscribes to every department the caller may sync."""
         scope = authorize(request, ident, "sync", body.departments or None)
+        check_replica(ident, body.replica)
         forwarded = {**body.model_dump(mode="json"), "departments": list(scope)}
         result = await core_call("POST", "/internal/sync/pull", json=forwarded)
         # Passed through as bytes: a snapshot can be large, and the gateway has no reason to parse it.

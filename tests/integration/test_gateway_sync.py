@@ -75,9 +75,10 @@ def error_code(response: httpx.Response) -> str:
 def test_a_pushed_chunk_reaches_the_devices_of_its_department_only(
     lab: GatewayLab, devices: dict[str, TlsFiles]
 ) -> None:
+    # A fresh laptop (the hub outlives this test): its replica id is its certificate's name.
     replica = f"laptop-sync-eng-a-{uuid.uuid4().hex[:6]}"
     note = chunk(replica, 1, "engineering", "The VX-55 valve is greased every 500 hours.")
-    with lab.client(devices["eng-a"]) as client:
+    with lab.client(device(lab, replica, "engineering")) as client:
         pushed = client.post("/v1/sync/push", json={"replica": replica, "records": [note], "clock": {replica: 1}})
     assert pushed.status_code == 200, pushed.text
     assert pushed.json()["accepted"] == 1
@@ -211,8 +212,25 @@ def test_the_hubs_refusal_comes_back_as_a_client_error(lab: GatewayLab, devices:
     the hub's 4xx and its reason, not a 5xx."""
     replica = f"laptop-sync-eng-a-{uuid.uuid4().hex[:6]}"
     body = {"replica": replica, "records": [chunk(replica, 5, "engineering", "t")], "clock": {replica: 1}}
-    with lab.client(devices["eng-a"]) as client:
+    with lab.client(device(lab, replica, "engineering")) as client:
         response = client.post("/v1/sync/push", json=body)
     assert response.status_code == 422, response.text
     assert error_code(response) == "core_refused"
     assert "beyond the pushed clock" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/sync/push", "/v1/sync/pull"])
+def test_a_device_syncs_only_as_itself(lab: GatewayLab, devices: dict[str, TlsFiles], path: str) -> None:
+    """Replica ids are bound to the device certificate: laptop A cannot push or pull as laptop B."""
+    before = core_sync_calls(lab)
+    other = "laptop-sync-eng-b"
+    body = (
+        {"replica": other, "records": [chunk(other, 1, "engineering", "forged")], "clock": {other: 1}}
+        if path.endswith("push")
+        else pull_body(other, ["engineering"])
+    )
+    with lab.client(devices["eng-a"]) as client:
+        response = client.post(path, json=body)
+    assert response.status_code == 403, response.text
+    assert "laptop-sync-eng-a" in response.json()["error"]["message"]
+    assert core_sync_calls(lab) == before
