@@ -204,7 +204,8 @@ def bench_routing(n: int, retrieval_p50_ms: float) -> dict[str, Any]:
 
 
 def bench_local_model(n: int, work: Path) -> dict[str, Any]:
-    model = LocalModel(LocalModelConfig(model_path=ensure_gemma(), n_ctx=2048, max_tokens=32, temperature=0.0))
+    # No stop sequence: every draft generates max_tokens, so tokens/s is measured over the same length each time.
+    model = LocalModel(LocalModelConfig(model_path=ensure_gemma(), n_ctx=2048, max_tokens=48, temperature=0.0, stop=()))
     model.ensure_loaded()
     knowledge = [t for dep, t in _texts(60) if dep == "engineering"][:16]
     prefix = model.pin(pinned_text(knowledge), "bench")

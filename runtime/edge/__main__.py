@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -64,14 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = create_app(agent)
         if settings.unix_socket is not None:
-            settings.unix_socket.parent.mkdir(parents=True, exist_ok=True)
-            settings.unix_socket.unlink(missing_ok=True)
-            config = uvicorn.Config(app, uds=str(settings.unix_socket), log_level="info", timeout_graceful_shutdown=10)
-            old_umask = os.umask(0o177)  # the socket is created 0600: the laptop user's agent only
+            sock = _private_socket(settings.unix_socket)  # kept referenced: uvicorn only gets its descriptor
+            config = uvicorn.Config(app, fd=sock.fileno(), log_level="info", timeout_graceful_shutdown=10)
             try:
                 uvicorn.Server(config).run()
             finally:
-                os.umask(old_umask)
+                sock.close()
+                settings.unix_socket.unlink(missing_ok=True)
         else:
             config = uvicorn.Config(
                 app, host=settings.host, port=settings.port or 8450, log_level="info", timeout_graceful_shutdown=10
@@ -82,6 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         agent.stop()
     return 0
+
+
+def _private_socket(path: Path) -> socket.socket:
+    """A unix socket only its owner may connect to. uvicorn's own `uds=` makes it 0666 after binding, which
+    would let any local user talk to this laptop user's agent; bound here, it is 0600 before it listens."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o600)
+    return sock
 
 
 def _stopped(signum: int, _frame: object) -> None:

@@ -11,8 +11,10 @@ import datetime as dt
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,7 +81,7 @@ def _device_pki(directory: Path) -> dict[str, str]:
 
 
 class Agent:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, unix_socket: Path | None = None) -> None:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -93,6 +95,7 @@ class Agent:
                     "departments": ["engineering"],
                     "data_dir": str(root / "data"),
                     "port": self.port,
+                    "unix_socket": str(unix_socket) if unix_socket else None,
                     "gateways": [dead_gateway],
                     "core_model": "gemma-3-270m-q4_k_m",
                     "tls": _device_pki(root),
@@ -104,6 +107,7 @@ class Agent:
                 }
             )
         )
+        self.unix_socket = unix_socket
         self.log = root / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -117,8 +121,9 @@ class Agent:
             if self.proc.poll() is not None:
                 pytest.fail(f"edge agent exited: {self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
+                with self.client(timeout=2) as client:
+                    if client.get("/healthz").status_code == 200:
+                        return
             except httpx.HTTPError:
                 time.sleep(0.5)
         pytest.fail(f"edge agent did not start: {self.log.read_text()[-3000:]}")
@@ -129,6 +134,9 @@ class Agent:
         return self.proc.wait(timeout=60)
 
     def client(self, timeout: float = 300) -> httpx.Client:
+        if self.unix_socket is not None:
+            transport = httpx.HTTPTransport(uds=str(self.unix_socket))
+            return httpx.Client(transport=transport, base_url="http://localhost", timeout=timeout)
         return httpx.Client(base_url=self.url, timeout=timeout)
 
 
@@ -333,3 +341,24 @@ def test_restart_keeps_knowledge_and_queued_escalations(agent: Agent) -> None:
         after = client.get("/api/status").json()
     assert after["knowledge"] == before["knowledge"]
     assert after["outbox"]["pending"] == before["outbox"]["pending"] >= 1
+
+
+def test_the_local_api_on_a_unix_socket_is_for_its_user_only(tmp_path: Path) -> None:
+    socket = Path(tempfile.mkdtemp(prefix="edge-")) / "agent.sock"  # AF_UNIX paths are short: not under tmp_path
+    a = Agent(tmp_path, unix_socket=socket)
+    a.start()
+    try:
+        assert stat.S_IMODE(socket.stat().st_mode) == 0o600
+        status = subprocess.run(
+            [sys.executable, "-m", "appliance", "edge", "status", "--socket", str(socket), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["device"] == "laptop-7"
+        with pytest.raises(httpx.ConnectError):  # and nothing listens on TCP
+            httpx.get(f"{a.url}/healthz", timeout=2)
+    finally:
+        assert a.stop() == 0
+    assert not socket.exists()  # removed on a clean stop

@@ -57,21 +57,6 @@ from tests.integration.conftest import GatewayLab, audit_rows, gateway_env
 
 pytestmark = pytest.mark.integration
 
-# Who calls, as (PKI role, CN, OU). Bindings in examples/rbac.yaml: every user/device is an employee of its
-# OU; alice/bob/carol edit engineering/sales/hr; dana audits; nobody names erin or gus.
-IDENTITIES: dict[str, tuple[str, str, str | None]] = {
-    "alice": ("admin", "alice", "engineering"),
-    "bob": ("admin", "bob", "sales"),
-    "carol": ("admin", "carol", "hr"),
-    "dana": ("admin", "dana", None),  # auditor; no OU, so no employee scope either
-    "erin": ("admin", "erin", "engineering"),  # an engineering employee without an editor role
-    "gus": ("admin", "gus", None),  # a site certificate with no OU and no named binding
-    "sales-laptop": ("edge-device", "laptop-sales-1", "sales"),
-    "eng-laptop": ("edge-device", "laptop-eng-1", "engineering"),
-    # A device certificate whose CN is an administrator's name must not inherit her role.
-    "device-named-ops-admin": ("edge-device", "ops-admin", "engineering"),
-}
-
 SERVER_ERRORS = range(500, 600)
 
 
