@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from appliance import atomic
 from appliance.errors import BadInput
+from runtime.common import atomic
 from runtime.common.license import License, canonical_json, key_id
 
 

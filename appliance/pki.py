@@ -23,9 +23,9 @@ from typing import Any
 import hvac
 import hvac.exceptions
 
-from appliance import atomic
 from appliance.errors import BadInput, ServiceError
 from appliance.site import ExternalVault, Site
+from runtime.common import atomic
 from runtime.common.identity import ORG_FOR_KIND, Kind
 
 ROOT_TTL = "87600h"

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import typer
 
-from appliance import atomic
 from appliance.backends import Backends
 from appliance.cli.common import SiteOption, StateDirOption, lab_state, load
 from appliance.cli.output import console, print_ok
 from appliance.pki import ROLES, Pki
+from runtime.common import atomic
 
 app = typer.Typer(
     help="Issue certificates from the site PKI (the lab's OpenBao or the site's Vault).", no_args_is_help=True

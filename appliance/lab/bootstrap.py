@@ -23,13 +23,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import atomic
 from appliance.backends import Backends, S3Target, s3_credentials_path
 from appliance.errors import ServiceError
 from appliance.lab.state import LabState
 from appliance.license import sign_license
 from appliance.pki import Pki
 from appliance.site import EmbeddedS3, Site
+from runtime.common import atomic
 from runtime.common.license import License, LicenseError, verify_license
 
 AUDIT_HMAC_PATH = "membria/audit-hmac"

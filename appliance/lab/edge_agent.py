@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 
-from appliance import atomic
 from appliance.backends import Backends
 from appliance.errors import BadInput
 from appliance.lab import bootstrap, model
@@ -23,6 +22,7 @@ from appliance.lab.services import EmbeddedService, Health
 from appliance.lab.state import LabState
 from appliance.pki import Pki
 from appliance.site import EdgeProfile, Site
+from runtime.common import atomic
 
 LAB_DEVICE = "lab-laptop-1"
 

@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from appliance import atomic
 from appliance.errors import MissingEnvironment, ServiceError
+from runtime.common import atomic
 
 MODEL_ALIAS = "gemma-3-270m-q4_k_m"
 

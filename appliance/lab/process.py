@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from appliance import atomic
 from appliance.lab.state import LabState
+from runtime.common import atomic
 
 MARKER_ENV = "MEMBRIA_LAB_STATE"
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 
-from appliance import atomic
 from appliance.backends import Backends
 from appliance.lab import bootstrap
 from appliance.lab.services import EmbeddedService, Health
 from appliance.lab.state import LabState
 from appliance.site import Site
+from runtime.common import atomic
 from runtime.common.tls import TlsFiles, client_context
 
 AUDIT_KEY_ENV = "MEMBRIA_AUDIT_HMAC_KEY"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 
-from appliance import atomic
 from appliance.lab import model
 from appliance.lab.state import LabState
 from appliance.site import Site
+from runtime.common import atomic
 
 
 @dataclass(frozen=True)

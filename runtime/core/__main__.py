@@ -19,13 +19,13 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runtime.common.serve import serve
 from runtime.common.tls import TlsFiles, uvicorn_tls_kwargs
 from runtime.core.settings import CoreSettings
 
@@ -94,31 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.core.app import create_app
 
     app = create_app(config)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            timeout_graceful_shutdown=int(config.graceful_shutdown_s),
-            lifespan="on",
-            **uvicorn_tls_kwargs(TlsFiles(cert=config.tls.cert, key=config.tls.key, ca=config.tls.ca)),
-        )
+    server_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=int(config.graceful_shutdown_s),
+        lifespan="on",
+        **uvicorn_tls_kwargs(TlsFiles(cert=config.tls.cert, key=config.tls.key, ca=config.tls.ca)),
     )
-    # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, lifespan shutdown) and then raises
-    # the signal again; this handler turns that final signal into a clean exit instead of a death by
-    # signal or a KeyboardInterrupt traceback.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stopped)
-    try:
-        server.run()
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    serve(server_config)  # drains, runs the lifespan shutdown, then returns on SIGINT/SIGTERM
     return 0
-
-
-def _stopped(signum: int, _frame: object) -> None:
-    raise SystemExit(0)
 
 
 if __name__ == "__main__":

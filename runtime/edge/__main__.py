@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
+from runtime.common.serve import serve
 from runtime.common.yamldoc import InvalidFile
 from runtime.edge.settings import EdgeSettings
 
@@ -58,17 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         agent = EdgeAgent(settings).start()
     except InvalidFile as exc:
         return _fail(exc.message, 2)
-    # uvicorn drains on SIGINT/SIGTERM and then raises the signal again; without this handler that second
-    # signal would kill the process before `finally` stops the agent (outbox worker flushed, SQLite closed).
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stopped)
     try:
         app = create_app(agent)
         if settings.unix_socket is not None:
             sock = _private_socket(settings.unix_socket)  # kept referenced: uvicorn only gets its descriptor
             config = uvicorn.Config(app, fd=sock.fileno(), log_level="info", timeout_graceful_shutdown=10)
             try:
-                uvicorn.Server(config).run()
+                serve(config)
             finally:
                 sock.close()
                 settings.unix_socket.unlink(missing_ok=True)
@@ -76,11 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             config = uvicorn.Config(
                 app, host=settings.host, port=settings.port or 8450, log_level="info", timeout_graceful_shutdown=10
             )
-            uvicorn.Server(config).run()
-    except SystemExit:
-        pass
+            serve(config)
     finally:
-        agent.stop()
+        agent.stop()  # reached on SIGTERM too: the outbox worker flushes, SQLite closes
     return 0
 
 
@@ -93,10 +87,6 @@ def _private_socket(path: Path) -> socket.socket:
     sock.bind(str(path))
     os.chmod(path, 0o600)
     return sock
-
-
-def _stopped(signum: int, _frame: object) -> None:
-    raise SystemExit(0)
 
 
 if __name__ == "__main__":

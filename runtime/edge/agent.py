@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS decisions (
 );
 CREATE TABLE IF NOT EXISTS edge_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_CONTEXT_HITS = 3
+_CONTEXT_HITS = 3  # hits put into the prompt
+_SEARCH_HITS = 4  # hits retrieved: coverage and the sensitivity labels look at one more
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class EdgeAgent:
                 self._remember(conversation_id, question, answer)
                 return answer
 
-        hits = self.knowledge.search(question, departments, k=max(_CONTEXT_HITS, 4))
+        hits = self.knowledge.search(question, departments, k=_SEARCH_HITS)
         coverage = self.knowledge.coverage(question, hits)
         retrieved = time.monotonic()
         history = [(t.role, t.text) for t in self.knowledge.turns(conversation_id, limit=4)]
@@ -246,7 +247,8 @@ class EdgeAgent:
             "tokens_per_s": draft.tokens_per_second,
         }
         escalation: dict[str, Any] | None = None
-        answer_text, source = draft.text.strip(), "local"
+        answer_text = draft.text.strip()
+        source: Source = "local"
         if decision.route == "escalate":
             item = self.outbox.enqueue("escalation", self._escalation_body(question, sampling))
             self.worker.wake()
@@ -260,7 +262,7 @@ class EdgeAgent:
         self._log_decision(conversation_id, decision, escalation["id"] if escalation else None)
         answer = Answer(
             answer=answer_text,
-            source=source,  # type: ignore[arg-type]
+            source=source,
             conversation_id=conversation_id,
             decision=decision.to_json(),
             sources=sources,

@@ -99,7 +99,7 @@ def create_app(agent: EdgeAgent) -> FastAPI:
 
     @app.post("/api/ask")
     def ask(body: AskRequest) -> Any:
-        if body.model is not None and body.model not in agent.status()["models"]:
+        if body.model is not None and body.model != agent.settings.model.name:  # one model per laptop
             return _error(422, "unknown_model", f"model '{body.model}' is not on this device")
         try:
             answer = agent.ask(

@@ -21,8 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,6 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from runtime.common import atomic
 
 log = logging.getLogger("membria.edge.model")
 
@@ -332,7 +332,7 @@ class LocalModel:
             "state_sha256": hashlib.sha256(blob).hexdigest(),
         }
         data = _STATE_MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + blob
-        _write_atomic(Path(path), data)
+        atomic.write_bytes(Path(path), data, mode=0o600)  # the KV cache encodes the pinned knowledge
 
     def load_pinned(self, path: Path, key: str, text: str) -> PinnedPrefix:
         """A pinned prefix from `path`; StalePinnedPrefix unless it was made by this model and context size, for
@@ -628,18 +628,3 @@ def _parse_state_file(path: Path, raw: bytes) -> tuple[dict[str, Any], bytes]:
     if len(blob) != header.get("state_size") or hashlib.sha256(blob).hexdigest() != header.get("state_sha256"):
         raise LocalModelError(f"pinned state {path} is damaged (truncated or altered)")
     return header, blob
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)  # the KV cache encodes the pinned knowledge
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

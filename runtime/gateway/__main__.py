@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 
 from runtime.common.license import LicenseError, SeatLedger, verify_license
 from runtime.common.rbac import load_policy
+from runtime.common.serve import serve
 from runtime.common.tls import uvicorn_tls_kwargs
 from runtime.common.yamldoc import InvalidFile
 from runtime.gateway.app import GatewayDeps, create_app
@@ -69,22 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         config = uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10, **tls
         )
-        # uvicorn drains on SIGINT/SIGTERM and then raises the signal again; without this handler that
-        # second signal would kill the process before `finally` flushes the audit queue.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, _stopped)
-        try:
-            uvicorn.Server(config).run()
-        except SystemExit:
-            pass
+        serve(config)  # returns on SIGTERM, so `finally` flushes the audit queue
     finally:
         writer.close()  # graceful shutdown: every accepted request's audit row is written
         seats.close()
     return 0
-
-
-def _stopped(signum: int, _frame: object) -> None:
-    raise SystemExit(0)
 
 
 if __name__ == "__main__":
