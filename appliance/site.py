@@ -320,6 +320,48 @@ class Rbac(Strict):
     policy_file: Pathname
 
 
+# --- disaster recovery -----------------------------------------------------------------------------
+
+
+class DrTargets(Strict):
+    """Recovery objectives per store, in seconds (the seed targets by default)."""
+
+    vectors: int = Field(default=60, ge=1, description="Milvus collections (and the knowledge they mirror)")
+    audit_db: int = Field(default=300, ge=1, description="the ClickHouse audit log")
+    state: int = Field(default=60, ge=1, description="the gateway's and the sync hub's SQLite state")
+    vault: int = Field(default=3600, ge=1, description="the Vault/OpenBao raft snapshot")
+
+
+class DrObjectLock(Strict):
+    mode: Literal["governance", "compliance"] = Field(
+        default="governance", description="compliance: nobody, root included, can shorten or lift it"
+    )
+    days: int = Field(default=30, ge=1, le=36500, description="default retention of every object written")
+
+
+class Dr(Strict):
+    ship_interval_seconds: int = Field(
+        default=30, ge=1, le=30, description="continuous shipping runs at least this often (RPO <= 60 s needs <= 30)"
+    )
+    rpo_seconds: DrTargets = Field(default_factory=DrTargets)
+    rto_seconds: DrTargets = Field(
+        default_factory=lambda: DrTargets(vectors=900, audit_db=600, state=600, vault=600)
+    )
+    object_lock: DrObjectLock = Field(default_factory=DrObjectLock)
+    sse: Literal["auto", "AES256", "off"] = Field(
+        default="auto", description="server-side encryption on top of client-side: auto = where the endpoint offers it"
+    )
+    encryption_key_vault_path: str = Field(
+        default="membria/dr-encryption-key", min_length=1, description="Vault KV path of the client-side data key"
+    )
+    prefix: str = Field(
+        default="membria", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="key prefix in the DR buckets"
+    )
+    noncurrent_version_days: int = Field(
+        default=90, ge=1, description="lifecycle: old versions expire this long after being replaced (and unlocked)"
+    )
+
+
 # --- the embedded lab ------------------------------------------------------------------------------
 
 
@@ -383,6 +425,7 @@ class Site(Strict):
     edge_profiles: list[EdgeProfile] = Field(default_factory=list)
     licensing: Licensing
     rbac: Rbac
+    dr: Dr = Field(default_factory=Dr)
     lab: Lab = Field(default_factory=Lab)
 
     @field_validator("core_nodes", "edge_profiles")

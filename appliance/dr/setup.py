@@ -1,0 +1,213 @@
+"""`appliance dr init`: the data key in Vault and the S3 side of both targets, set up idempotently.
+
+Per target: the bucket exists with object lock (which also turns versioning on), a default retention
+(the site's mode and days, so even an object written by another tool is locked), server-side encryption
+by default where the endpoint offers it, and a lifecycle rule that expires old versions once they are
+no longer current (the lock still protects them until their retention ends). Each step reads the
+current setting first and changes only what differs; `plan()` says what `apply()` would do.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import botocore.exceptions
+
+from appliance.backends import Backends, S3Target
+from appliance.dr.crypto import DataKey
+from appliance.dr.objects import s3_errors
+from appliance.errors import CheckFailed, ServiceError
+from appliance.site import Dr
+
+LIFECYCLE_RULE_ID = "membria-dr-noncurrent-versions"
+
+
+@dataclass(frozen=True)
+class Step:
+    target: str  # "vault", "primary", "replica"
+    what: str
+    needed: bool  # False: already as wanted
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class DrSetup:
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+        self.site = backends.site
+        self.policy: Dr = backends.site.dr
+
+    def targets(self) -> list[tuple[str, S3Target]]:
+        out = [("primary", self.backends.s3("primary"))]
+        if self.site.services.s3.replica is not None:
+            out.append(("replica", self.backends.s3("replica")))
+        return out
+
+    # -- the data key ----------------------------------------------------------------------------------
+
+    def _has_key(self) -> bool:
+        try:
+            return "key_b64" in self.backends.read_secret(self.policy.encryption_key_vault_path)
+        except ServiceError:
+            return False
+
+    # -- the buckets -----------------------------------------------------------------------------------
+
+    def _bucket_exists(self, target: S3Target) -> bool:
+        try:
+            with s3_errors(target, f"looking for bucket {target.bucket}"):
+                target.client.head_bucket(Bucket=target.bucket)
+        except ServiceError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, botocore.exceptions.ClientError) and _code(cause) in {
+                "404",
+                "NoSuchBucket",
+                "NotFound",
+            }:
+                return False
+            raise
+        return True
+
+    def _lock_config(self, target: S3Target) -> dict[str, Any] | None:
+        try:
+            with s3_errors(target, f"reading the object lock of {target.bucket}"):
+                config: dict[str, Any] = target.client.get_object_lock_configuration(Bucket=target.bucket)
+        except ServiceError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, botocore.exceptions.ClientError) and "ObjectLock" in _code(cause):
+                return None
+            raise
+        return config.get("ObjectLockConfiguration")
+
+    def _wanted_lock(self) -> dict[str, Any]:
+        return {
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {
+                "DefaultRetention": {"Mode": self.policy.object_lock.mode.upper(), "Days": self.policy.object_lock.days}
+            },
+        }
+
+    def _wanted_lifecycle(self) -> dict[str, Any]:
+        return {
+            "ID": LIFECYCLE_RULE_ID,
+            "Status": "Enabled",
+            "Filter": {"Prefix": f"{self.policy.prefix}/"},
+            "NoncurrentVersionExpiration": {"NoncurrentDays": self.policy.noncurrent_version_days},
+        }
+
+    def _lifecycle_ok(self, target: S3Target) -> bool:
+        try:
+            with s3_errors(target, f"reading the lifecycle of {target.bucket}"):
+                rules = target.client.get_bucket_lifecycle_configuration(Bucket=target.bucket).get("Rules", [])
+        except ServiceError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, botocore.exceptions.ClientError) and _code(cause) == "NoSuchLifecycleConfiguration":
+                return False
+            raise
+        wanted = self._wanted_lifecycle()
+        for rule in rules:
+            if rule.get("ID") == LIFECYCLE_RULE_ID:
+                days = rule.get("NoncurrentVersionExpiration", {}).get("NoncurrentDays")
+                return bool(
+                    rule.get("Status") == "Enabled" and days == wanted["NoncurrentVersionExpiration"]["NoncurrentDays"]
+                )
+        return False
+
+    def _sse_ok(self, target: S3Target) -> bool | None:
+        """True: default SSE set; False: not set; None: the endpoint does not offer it."""
+        if self.policy.sse == "off":
+            return True
+        try:
+            target.client.get_bucket_encryption(Bucket=target.bucket)
+            return True
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) == "ServerSideEncryptionConfigurationNotFoundError":
+                return False
+            if _code(exc) in {"NotImplemented", "501"}:
+                return None
+            raise ServiceError(f"S3 at {target.endpoint} refused reading the encryption of {target.bucket}") from exc
+
+    def plan(self) -> list[Step]:
+        steps = [Step("vault", f"data key at {self.policy.encryption_key_vault_path}", not self._has_key())]
+        for name, target in self.targets():
+            if not self._bucket_exists(target):
+                steps.append(Step(name, f"create bucket {target.bucket} with object lock and versioning", True))
+                steps.append(Step(name, "default retention " + self._describe_lock(), True))
+                steps.append(Step(name, "default encryption AES256 (where offered)", self.policy.sse != "off"))
+                steps.append(
+                    Step(name, f"lifecycle: old versions expire after {self.policy.noncurrent_version_days} days", True)
+                )
+                continue
+            lock = self._lock_config(target)
+            if lock is None or lock.get("ObjectLockEnabled") != "Enabled":
+                raise CheckFailed(
+                    f"bucket {target.bucket} at {target.endpoint} exists without object lock",
+                    hint="object lock can only be enabled when a bucket is created: name a new bucket in the site file",
+                )
+            steps.append(Step(name, "default retention " + self._describe_lock(), lock != self._wanted_lock()))
+            sse = self._sse_ok(target)
+            if sse is not None:
+                steps.append(Step(name, "default encryption AES256", not sse))
+            steps.append(
+                Step(
+                    name,
+                    f"lifecycle: old versions expire after {self.policy.noncurrent_version_days} days",
+                    not self._lifecycle_ok(target),
+                )
+            )
+        return steps
+
+    def _describe_lock(self) -> str:
+        return f"{self.policy.object_lock.mode} {self.policy.object_lock.days} days"
+
+    def apply(self) -> list[Step]:
+        """Do what plan() lists as needed; returns the steps taken."""
+        done: list[Step] = []
+        if not self._has_key():
+            key = DataKey.generate()
+            self.backends.write_secret(
+                self.policy.encryption_key_vault_path,
+                {"key_b64": base64.b64encode(key.key).decode(), "algorithm": "AES-256-GCM"},
+            )
+            done.append(Step("vault", f"data key at {self.policy.encryption_key_vault_path}", True))
+        for name, target in self.targets():
+            client, bucket = target.client, target.bucket
+            if not self._bucket_exists(target):
+                with s3_errors(target, f"creating bucket {bucket}"):
+                    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+                done.append(Step(name, f"create bucket {bucket} with object lock and versioning", True))
+            with s3_errors(target, f"configuring bucket {bucket}"):
+                client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+                lock = self._lock_config(target)
+                if lock is None or lock.get("ObjectLockEnabled") != "Enabled":
+                    raise CheckFailed(
+                        f"bucket {bucket} at {target.endpoint} exists without object lock",
+                        hint="object lock can only be enabled when a bucket is created: name a new bucket",
+                    )
+                if lock != self._wanted_lock():
+                    client.put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration=self._wanted_lock())
+                    done.append(Step(name, "default retention " + self._describe_lock(), True))
+                if self._sse_ok(target) is False:
+                    client.put_bucket_encryption(
+                        Bucket=bucket,
+                        ServerSideEncryptionConfiguration={
+                            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+                        },
+                    )
+                    done.append(Step(name, "default encryption AES256", True))
+                if not self._lifecycle_ok(target):
+                    client.put_bucket_lifecycle_configuration(
+                        Bucket=bucket, LifecycleConfiguration={"Rules": [self._wanted_lifecycle()]}
+                    )
+                    done.append(
+                        Step(
+                            name,
+                            f"lifecycle: old versions expire after {self.policy.noncurrent_version_days} days",
+                            True,
+                        )
+                    )
+        return done
