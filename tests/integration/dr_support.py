@@ -6,15 +6,20 @@ socket, so an endpoint that goes down can be stopped and started again.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import boto3
-import botocore.exceptions
 from botocore.config import Config
 
 from appliance.backends import S3Target
@@ -29,33 +34,51 @@ from tests.conftest import free_port
 class S3Endpoint:
     port: int
     log: Path
+    auth: bool = False  # True: moto checks signatures against IAM users (the keys below)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    access_key: str = "test"
+    secret_key: str = field(default="test", repr=False)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def start_new(cls, log_dir: Path) -> S3Endpoint:
-        endpoint = cls(free_port(), log_dir / f"moto-{uuid.uuid4().hex[:6]}.log")
+    def start_new(cls, log_dir: Path, *, auth: bool = False) -> S3Endpoint:
+        endpoint = cls(free_port(), log_dir / f"moto-{uuid.uuid4().hex[:6]}.log", auth=auth)
         endpoint.start()
         return endpoint
 
     def start(self) -> None:
+        env = dict(os.environ)
+        if self.auth:
+            # moto lets the first requests through unsigned: enough to create the one IAM user below.
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=env,
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                self.client().list_buckets()
-                return
-            except botocore.exceptions.BotoCoreError:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"moto server on {self.port} did not start; see {self.log}")
+        else:
+            raise RuntimeError(f"moto server on {self.port} did not start; see {self.log}")
+        if self.auth:
+            iam = boto3.client(
+                "iam", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+            )
+            iam.create_user(UserName="membria-dr")
+            key = iam.create_access_key(UserName="membria-dr")["AccessKey"]
+            policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+            iam.put_user_policy(UserName="membria-dr", PolicyName="s3", PolicyDocument=json.dumps(policy))
+            self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
 
     def stop(self) -> None:
         """Stop the server (its data is gone: moto keeps it in memory)."""
@@ -64,13 +87,13 @@ class S3Endpoint:
             self.proc.wait(timeout=10)
             self.proc = None
 
-    def client(self, access_key: str = "test", secret_key: str = "test") -> Any:
+    def client(self, access_key: str | None = None, secret_key: str | None = None) -> Any:
         return boto3.client(
             "s3",
             endpoint_url=self.url,
             region_name="us-east-1",
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
+            aws_access_key_id=access_key or self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
             config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=30),
         )
 
@@ -92,3 +115,65 @@ def dr_bucket(
         Dr(),
         site_name=site,
     )
+
+
+class Outage:
+    """A TCP forwarder in front of an endpoint that can be cut and restored: clients see connection
+    refused while it is cut, as when the S3 endpoint or the network to it is down, while the server
+    behind (moto keeps its data in memory) keeps everything it already has."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self._server: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        thread = threading.Thread(target=self._accept, args=(server,), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def down(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the thread
+            self._server.close()
+            self._server = None
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+        self._conns.clear()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)

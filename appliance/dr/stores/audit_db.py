@@ -18,6 +18,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.compute as pc  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
 from appliance.dr.objects import DrBucket, s3_errors
 from appliance.dr.stores.base import Place, Progress, ShipBatch, Store, StoreBackup, TableSum
 from appliance.errors import ApplianceError, CheckFailed, ServiceError
@@ -152,6 +156,9 @@ def _copy_to_replica(bucket: DrBucket, replica: S3Target, key: str) -> str:
 class AuditDbStore(Store):
     name = "audit_db"
 
+    def __init__(self, *, batch_rows: int = BATCH_ROWS) -> None:
+        self.batch_rows = batch_rows
+
     def backup(
         self, bucket: DrBucket, place: Place, prefix: str, previous: StoreBackup | None, progress: Progress
     ) -> StoreBackup:
@@ -203,14 +210,12 @@ class AuditDbStore(Store):
         )
 
     def changes(self, place: Place, watermark: dict[str, Any] | None, workdir: Path) -> ShipBatch | None:
-        import pyarrow.parquet as pq
-
         after = int((watermark or {}).get("seq", 0))
         with _opened(place) as client:
             if not _has_table(client, DEFAULT_TABLE):
                 return None
             now = time.time()
-            sql = f"SELECT * FROM {_ident(DEFAULT_TABLE)} WHERE seq > {{a:UInt64}} ORDER BY seq LIMIT {BATCH_ROWS}"  # noqa: S608
+            sql = f"SELECT * FROM {_ident(DEFAULT_TABLE)} WHERE seq > {{a:UInt64}} ORDER BY seq LIMIT {int(self.batch_rows)}"  # noqa: S608
             table = client.query_arrow(sql, parameters={"a": after})
         if table.num_rows == 0:
             return None
@@ -283,10 +288,6 @@ class AuditDbStore(Store):
                 )
 
     def apply(self, shipment: Path, target: Place) -> int:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
         table = pq.read_table(shipment)
         after = (table.schema.metadata or {}).get(_AFTER_META)
         if after is None or "seq" not in table.column_names:
