@@ -401,6 +401,7 @@ class Lab(Strict):
     edge_profile: Name | None = Field(
         default=None, description="the edge profile of the lab's one edge agent (default: the first profile)"
     )
+    dr_shipper: bool = Field(default=True, description="run `appliance dr ship` as a lab process (DR to the lab's S3)")
 
 
 # --- the site --------------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ def run(site: Site, state: LabState) -> list[str]:
     done += _ensure_certificates(site, state, pki)
     done += _ensure_secrets(backends)
     done += _ensure_buckets(site, backends)
+    done += _ensure_dr(backends)
     done += _ensure_license(site, backends)
     return done
 
@@ -207,6 +208,13 @@ def ensure_locked_bucket(target: S3Target) -> bool:
         client.create_bucket(Bucket=target.bucket, ObjectLockEnabledForBucket=True)
     client.put_bucket_versioning(Bucket=target.bucket, VersioningConfiguration={"Status": "Enabled"})
     return not exists
+
+
+def _ensure_dr(backends: Backends) -> list[str]:
+    """The DR data key and the buckets' retention, encryption and lifecycle (`appliance dr init`)."""
+    from appliance.dr.setup import DrSetup
+
+    return [f"DR {step.target}: {step.what}" for step in DrSetup(backends).apply()]
 
 
 # --- the lab license -------------------------------------------------------------------------------------------

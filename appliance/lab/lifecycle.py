@@ -15,6 +15,7 @@ from appliance.audit_log import open_audit_db
 from appliance.backends import Backends
 from appliance.errors import CheckFailed, MissingEnvironment, ServiceError
 from appliance.lab import bootstrap, edge_smoke, process, smoke
+from appliance.lab.dr_shipper import dr_services
 from appliance.lab.edge_agent import edge_services
 from appliance.lab.runtime_services import CoreServer, Gateway, runtime_services
 from appliance.lab.services import EmbeddedService, Health, OpenBao, process_services
@@ -115,6 +116,11 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
                     restart_gateway=(lambda: _start(Gateway(site, state), progress)) if report.started else None,
                 )
                 report.health = status(site, state)  # the edge agent too, and the gateway after its restart
+            # DR shipping last: its first pass ships what the smoke and the corpus wrote.
+            if dr_services(site, state):
+                progress("DR shipper: first pass to the S3 buckets")
+                ensure(dr_services(site, state))
+                report.health = status(site, state)
     except BaseException:
         # All or nothing: do not leave what this call started running behind a failed `up`.
         for service in reversed(started_now):
@@ -175,7 +181,7 @@ def _chdb_health(backends: Backends) -> Health:
 def all_services(site: Site, state: LabState, *, edge: bool = True) -> list[EmbeddedService]:
     """Every process the lab runs, in start order."""
     core = process_services(site, state) + runtime_services(site, state)
-    return core + edge_services(site, state) if edge else core
+    return core + edge_services(site, state) + dr_services(site, state) if edge else core
 
 
 def status(site: Site, state: LabState, *, edge: bool = True) -> list[Health]:

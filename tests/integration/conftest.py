@@ -155,6 +155,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayLab]:
     # and the lab's edge smoke (which stops the gateway for its offline period) has its test in test_lab.py.
     data["edge_profiles"] = []
     data["lab"]["edge_profile"] = None
+    # No DR shipper process either: it would take chDB every 30 s; the DR tests run `dr ship` themselves.
+    data["lab"]["dr_shipper"] = False
     site_file = write_site(root / "site.yaml", data)
     site = Site.model_validate(data)
     state = LabState.at(site.lab.state_dir)
