@@ -156,7 +156,18 @@ class Backends:
 
         spec = self.site.services.vectors
         if spec.backend == "embedded":
-            return MilvusClient(str(self.milvus_lite_path()))
+            path = self.milvus_lite_path()
+            published = path.with_name(path.name + ".uri")  # written by a running core server (CoreService)
+            if published.is_file():
+                from pymilvus.exceptions import MilvusException
+
+                try:
+                    client = MilvusClient(uri=published.read_text().strip(), timeout=5)
+                    client.list_collections()  # a stale file (the core died) points at nothing
+                    return client
+                except (MilvusException, OSError):
+                    pass  # not answering: open the file ourselves
+            return MilvusClient(str(path))
         token = self.read_secret(spec.token_vault_path).get("token", "")
         return MilvusClient(uri=str(spec.url), token=token, db_name=spec.database)
 

@@ -344,9 +344,7 @@ class Dr(Strict):
         default=30, ge=1, le=30, description="continuous shipping runs at least this often (RPO <= 60 s needs <= 30)"
     )
     rpo_seconds: DrTargets = Field(default_factory=DrTargets)
-    rto_seconds: DrTargets = Field(
-        default_factory=lambda: DrTargets(vectors=900, audit_db=600, state=600, vault=600)
-    )
+    rto_seconds: DrTargets = Field(default_factory=lambda: DrTargets(vectors=900, audit_db=600, state=600, vault=600))
     object_lock: DrObjectLock = Field(default_factory=DrObjectLock)
     sse: Literal["auto", "AES256", "off"] = Field(
         default="auto", description="server-side encryption on top of client-side: auto = where the endpoint offers it"
@@ -366,7 +364,7 @@ class Dr(Strict):
 
 
 class LabPorts(Strict):
-    openbao: Port = 8200
+    openbao: Port = Field(default=8200, description="OpenBao also listens on this port + 1 (its raft cluster port)")
     s3: Port = 9000
     llm: Port = 8081
     core: Port = 8444

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.common import atomic
 from runtime.common.embeddings import Embedder, EmbeddingError
 from runtime.common.ingest import ChunkingConfig, IngestLimits, prepare_document
 from runtime.common.llm_client import LlmClient, LlmClientError
@@ -26,9 +27,15 @@ from runtime.core.store import (
     StoredDocument,
     StoreError,
     UpsertResult,
+    _quiet_lite_iterator_warning,
     validate_department,
 )
 from runtime.core.sync_hub import SyncHub
+
+
+def lite_uri_file(path: Path) -> Path:
+    """Where a running core publishes the loopback URI of the Milvus Lite server it holds for `path`."""
+    return path.with_name(path.name + ".uri")
 
 
 @dataclass(frozen=True)
@@ -50,11 +57,13 @@ class CoreService:
         llm: LlmClient | None = None,
     ) -> None:
         self.settings = settings
+        self._lite_path: Path | None = None
+        milvus_uri = settings.milvus_uri
         if milvus_client is None and settings.milvus_is_lite:
-            Path(settings.milvus_uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            milvus_uri = self._start_milvus_lite(Path(settings.milvus_uri).expanduser())
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
         self.store = DepartmentStore(
-            milvus_client if milvus_client is not None else settings.milvus_uri,
+            milvus_client if milvus_client is not None else milvus_uri,
             token=token,
             db_name=settings.milvus_db,
             prefix=settings.collection_prefix,
@@ -80,14 +89,34 @@ class CoreService:
         self.sync_hub = SyncHub(settings.sync_hub_file, max_patch_bytes=settings.sync_max_patch_bytes)
         self._closed = threading.Event()
 
+    def _start_milvus_lite(self, path: Path) -> str:
+        """Start Milvus Lite's gRPC server for `path` and publish its URI in `<path>.uri` (0600): Milvus Lite
+        admits one process per file, so DR (`Backends.vectors()`) reaches the data through this server."""
+        from milvus_lite.server_manager import server_manager_instance
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = server_manager_instance.start_and_get_uri(str(path))
+        if uri is None:
+            raise StoreError(f"Milvus Lite: could not open {path} (is another process using it?)")
+        _quiet_lite_iterator_warning()
+        atomic.write_text(lite_uri_file(path), f"{uri}\n", mode=0o600)
+        self._lite_path = path
+        return str(uri)
+
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self._lite_path is not None:
+            lite_uri_file(self._lite_path).unlink(missing_ok=True)  # first, so nobody new connects
         self.llm.close()
         self.cache.close()
         self.sync_hub.close()
         self.store.close()
+        if self._lite_path is not None:
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(str(self._lite_path))
 
     # -- documents --------------------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ def test_a_corrupted_object_fails_loudly(bucket: DrBucket) -> None:
     blob = bytearray(raw(bucket.primary, full))
     blob[100] ^= 0xFF  # a bit rot, or an edit by someone with write access
     bucket.primary.client.put_object(Bucket=bucket.primary.bucket, Key=full, Body=bytes(blob))
-    with pytest.raises(CorruptObject, match="backups/b2/vectors/c.parquet in the primary bucket is corrupt"):
+    with pytest.raises(CorruptObject, match=r"backups/b2/vectors/c\.parquet in the primary bucket is corrupt"):
         bucket.get_bytes("backups/b2/vectors/c.parquet")
     # the replica still has the good copy
     assert bucket.get_bytes("backups/b2/vectors/c.parquet", target="replica") == b"vectors" * 1000
@@ -119,7 +119,7 @@ def test_the_replica_copy_is_verified_not_assumed(endpoints: tuple[S3Endpoint, S
             return original.put_object(**kwargs)
 
     b.replica = S3Target(Tampering(), b.replica.bucket, b.replica.endpoint)
-    with pytest.raises(CorruptObject, match="replica copy .* differs"):
+    with pytest.raises(CorruptObject, match=r"replica copy .* differs"):
         b.put_bytes("k3", b"data")
 
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa  # type: ignore[import-untyped]
-import pyarrow.compute as pc  # type: ignore[import-untyped]
-import pyarrow.parquet as pq  # type: ignore[import-untyped]
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from appliance.dr.objects import DrBucket, s3_errors
 from appliance.dr.stores.base import Place, Progress, ShipBatch, Store, StoreBackup, TableSum
@@ -51,12 +51,11 @@ class _S3Arg:
     def __init__(self, target: S3Target) -> None:
         # botocore keeps a client's credentials on its signer; ClickHouse needs them as plain arguments.
         creds = getattr(target.client._request_signer, "_credentials", None)
-        if creds is None:
-            raise ServiceError(f"the S3 client for {target.endpoint} has no credentials for ClickHouse to use")
-        frozen = creds.get_frozen_credentials()
-        if frozen.token:  # BACKUP's S3() takes 1 or 3 arguments: no session token
+        frozen = creds.get_frozen_credentials() if creds is not None else None
+        if frozen is None or not frozen.access_key or frozen.token:  # S3() takes no session token
             raise ServiceError(
-                f"ClickHouse's BACKUP to {target.endpoint} needs a static access key, not temporary credentials"
+                f"ClickHouse's BACKUP to {target.endpoint} needs a static access key and secret key "
+                "(no temporary credentials)"
             )
         self.access_key, self._secret = str(frozen.access_key), str(frozen.secret_key)
 
@@ -162,12 +161,12 @@ class AuditDbStore(Store):
     def backup(
         self, bucket: DrBucket, place: Place, prefix: str, previous: StoreBackup | None, progress: Progress
     ) -> StoreBackup:
-        started = time.time()
         native = prefix + "native"
         base = previous.extra.get("native_url_key") if previous is not None else None
         s3 = _S3Arg(bucket.primary)
         with _opened(place) as client:
             database, tables = _database(client), _tables(client)
+            started = time.time()
             # Read before BACKUP: rows are only added, so the backup holds every row up to it (a shipment that
             # overlaps is applied idempotently).
             watermark = {"seq": _max_seq(client)}
@@ -215,8 +214,8 @@ class AuditDbStore(Store):
             if not _has_table(client, DEFAULT_TABLE):
                 return None
             now = time.time()
-            sql = f"SELECT * FROM {_ident(DEFAULT_TABLE)} WHERE seq > {{a:UInt64}} ORDER BY seq LIMIT {int(self.batch_rows)}"  # noqa: S608
-            table = client.query_arrow(sql, parameters={"a": after})
+            sql = f"SELECT * FROM {_ident(DEFAULT_TABLE)} WHERE seq > {{a:UInt64}} ORDER BY seq LIMIT {{n:UInt64}}"  # noqa: S608
+            table = client.query_arrow(sql, parameters={"a": after, "n": self.batch_rows})
         if table.num_rows == 0:
             return None
         first, last = int(table["seq"][0].as_py()), int(table["seq"][-1].as_py())

@@ -121,3 +121,8 @@ class Store(ABC):
     @abstractmethod
     def sums(self, place: Place) -> dict[str, TableSum]:
         """Per table / collection / file: rows and a content digest, equal on a faithful copy."""
+
+    def can_compare(self, place: Place) -> bool:
+        """Whether `place` holds this store's data to compare (a production drill has no scratch Vault: its
+        snapshot is verified by checksum only)."""
+        return True

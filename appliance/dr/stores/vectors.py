@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import pyarrow as pa  # type: ignore[import-untyped]
-import pyarrow.parquet as pq  # type: ignore[import-untyped]
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from appliance.dr.objects import DrBucket
 from appliance.dr.stores.base import Place, Progress, ShipBatch, Store, StoreBackup, TableSum
@@ -43,16 +43,7 @@ from runtime.core.store import DEFAULT_PREFIX, DepartmentStore, InvalidDepartmen
 UPDATED = "updated_at"
 _READ_BATCH = 1000  # rows per query_iterator page
 _WRITE_BATCH = 256  # rows per insert / upsert / delete (a chunk's text may be 64 KiB)
-_ARROW = {
-    "VARCHAR": pa.string(),
-    "INT64": pa.int64(),
-    "INT32": pa.int32(),
-    "INT16": pa.int16(),
-    "INT8": pa.int8(),
-    "BOOL": pa.bool_(),
-    "FLOAT": pa.float32(),
-    "DOUBLE": pa.float64(),
-}
+_ARROW = {"VARCHAR": pa.string(), "INT64": pa.int64(), "INT32": pa.int32(), "BOOL": pa.bool_(), "DOUBLE": pa.float64()}
 _MEMBER = re.compile(r"^(manifest\.json|[A-Za-z0-9_]+\.(rows|ids)\.parquet)$")
 
 
@@ -172,14 +163,15 @@ def _read(client: Any, name: str, fields: list[str], expr: str = "") -> Iterator
     with _milvus(f"reading {name}"):
         iterator = client.query_iterator(name, batch_size=_READ_BATCH, filter=expr, output_fields=fields)
     try:
-        while True:
-            with _milvus(f"reading {name}"):
-                batch = iterator.next()
-            if not batch:
-                return
+        while batch := _next(iterator, name):
             yield [dict(r) for r in batch]
     finally:
         iterator.close()
+
+
+def _next(iterator: Any, name: str) -> list[Any]:
+    with _milvus(f"reading {name}"):
+        return list(iterator.next())
 
 
 def _scan(
@@ -251,11 +243,6 @@ def _keys(client: Any, name: str, schema: dict[str, Any]) -> list[str]:
     return [str(r[pk]) for batch in _read(client, name, [pk]) for r in batch]
 
 
-def _has_rows(client: Any, name: str, schema: dict[str, Any]) -> bool:
-    with _milvus(f"reading {name}"):
-        return bool(client.query(name, filter="", output_fields=[_pk(schema)], limit=1))
-
-
 def _untar(shipment: Path, dest: Path) -> dict[str, Any]:
     """The shipment's files (only the names a shipment has, never a path) and its manifest."""
     try:
@@ -267,6 +254,11 @@ def _untar(shipment: Path, dest: Path) -> dict[str, Any]:
                 with source, (dest / member.name).open("wb") as out:
                     shutil.copyfileobj(source, out)
         manifest: dict[str, Any] = json.loads((dest / "manifest.json").read_text())["collections"]
+        files = {p.name for p in dest.iterdir()}
+        for name in manifest:
+            missing = {f"{name}.rows.parquet", f"{name}.ids.parquet"} - files
+            if missing:
+                raise KeyError(f"no {', '.join(sorted(missing))}")
     except (tarfile.TarError, OSError, ValueError, KeyError) as exc:
         raise CheckFailed(f"vectors shipment {shipment.name} is unreadable: {exc}") from None
     return manifest
@@ -342,12 +334,16 @@ class VectorsStore(Store):
         client = target.vectors()
         try:
             for name in _collections(client):
-                if _has_rows(client, name, _describe(client, name)):
+                if _keys(client, name, _describe(client, name)):
                     raise CheckFailed(f"the restore target already has rows in Milvus collection {name}")
             store = DepartmentStore(client)
-            for name, keys in sorted(collections.items()):
-                schema = bucket.get_json(keys["schema"], expect_sha256=backup.objects.get(keys["schema"]))
-                _ensure(store, name, schema)
+            for name in sorted(backup.sums):  # every collection created and checked before any row is written
+                keys = collections.get(name)
+                if keys is None:
+                    raise CheckFailed(f"the backup lists Milvus collection {name} but not its objects")
+                _ensure(store, name, bucket.get_json(keys["schema"], expect_sha256=backup.objects.get(keys["schema"])))
+            for name in sorted(backup.sums):
+                keys = collections[name]
                 local = workdir / f"{name}.parquet"
                 bucket.get_file(keys["data"], local, expect_sha256=backup.objects.get(keys["data"]))
                 rows = _load(client, name, local, upsert=False)
