@@ -21,6 +21,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A free port whose successor is free too (OpenBao's cluster listener takes port + 1)."""
+    for _ in range(100):
+        port = free_port()
+        if port < 65535:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no two adjacent free ports on loopback")
+
+
+def _lab_ports() -> dict[str, int]:
+    while True:
+        ports = {"openbao": free_port_pair(), **{n: free_port() for n in ("s3", "llm", "core", "gateway", "edge")}}
+        if len(set(ports.values()) | {ports["openbao"] + 1}) == len(ports) + 1:
+            return ports
+
+
 def example_data(name: str = "lab.yaml") -> dict[str, Any]:
     data: dict[str, Any] = YAML(typ="safe").load((EXAMPLES / name).read_text())
     return data
@@ -37,7 +58,7 @@ def lab_site_data(state_dir: Path) -> dict[str, Any]:
     data["lab"] = {
         "host": "127.0.0.1",
         "state_dir": str(state_dir),
-        "ports": {name: free_port() for name in ("openbao", "s3", "llm", "core", "gateway", "edge")},
+        "ports": _lab_ports(),
         "corpus_dir": str(EXAMPLES / "corpus"),
         "edge_profile": data["lab"]["edge_profile"],
     }

@@ -91,6 +91,16 @@ class DrSetup:
             },
         }
 
+    def _lock_matches(self, lock: dict[str, Any]) -> bool:
+        """Compare what matters: some endpoints add `Years: 0` next to `Days`."""
+        retention = lock.get("Rule", {}).get("DefaultRetention", {})
+        return (
+            lock.get("ObjectLockEnabled") == "Enabled"
+            and retention.get("Mode") == self.policy.object_lock.mode.upper()
+            and retention.get("Days") == self.policy.object_lock.days
+            and not retention.get("Years")
+        )
+
     def _wanted_lifecycle(self) -> dict[str, Any]:
         return {
             "ID": LIFECYCLE_RULE_ID,
@@ -148,7 +158,7 @@ class DrSetup:
                     f"bucket {target.bucket} at {target.endpoint} exists without object lock",
                     hint="object lock can only be enabled when a bucket is created: name a new bucket in the site file",
                 )
-            steps.append(Step(name, "default retention " + self._describe_lock(), lock != self._wanted_lock()))
+            steps.append(Step(name, "default retention " + self._describe_lock(), not self._lock_matches(lock)))
             sse = self._sse_ok(target)
             if sse is not None:
                 steps.append(Step(name, "default encryption AES256", not sse))
@@ -188,7 +198,7 @@ class DrSetup:
                         f"bucket {bucket} at {target.endpoint} exists without object lock",
                         hint="object lock can only be enabled when a bucket is created: name a new bucket",
                     )
-                if lock != self._wanted_lock():
+                if not self._lock_matches(lock):
                     client.put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration=self._wanted_lock())
                     done.append(Step(name, "default retention " + self._describe_lock(), True))
                 if self._sse_ok(target) is False:
