@@ -2,11 +2,12 @@
 
 - the site PKI (root, intermediate, roles) and the certificates the lab's runtime services use;
 - secrets in Vault: the S3 credentials, the audit HMAC key, the service-token signing key;
-- DR buckets with versioning and object lock;
+- DR buckets with versioning and object lock, and `dr init` (the DR data key, default retention,
+  encryption and lifecycle);
 - a lab license, signed by a lab-only key (the lab acts as its own vendor).
 
-The dev OpenBao keeps everything in memory, so after a restart the CA is new: certificates that no
-longer chain to it are issued again.
+The dev OpenBao starts empty on every start (its raft directory is wiped: dev semantics), so after a
+restart the CA is new: certificates that no longer chain to it are issued again.
 """
 
 from __future__ import annotations

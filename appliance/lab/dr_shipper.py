@@ -31,7 +31,7 @@ class DrShipper(EmbeddedService):
 
     @property
     def site_file(self) -> Path:
-        return self.state.run_dir / "dr-shipper-site.json"
+        return self.state.root / "config" / "dr-shipper-site.json"
 
     @property
     def heartbeat_file(self) -> Path:

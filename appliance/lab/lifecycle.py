@@ -206,7 +206,7 @@ def down(site: Site, state: LabState) -> DownReport:
         if process.stop(state, service.name):
             report.stopped.append(service.name)
     report.strays_killed = process.kill_strays(state)
-    # The dev OpenBao keeps everything in memory: its token and TLS files mean nothing after a stop.
+    # The dev OpenBao starts empty on every start: its token and TLS files mean nothing after a stop.
     bao = OpenBao(site, state)
     bao.token_file.unlink(missing_ok=True)
     return report

@@ -346,3 +346,30 @@ def test_s3_down_during_shipping_loses_nothing(lab: GatewayLab, backed_up: str, 
         )
         == []
     )
+
+
+def test_a_restore_that_does_not_match_its_manifest_fails_loudly(
+    lab: GatewayLab, backed_up: str, tmp_path: Path
+) -> None:
+    """A backup whose data restores to something else than its manifest recorded (here: the manifest says
+    one more row) is refused, naming the table and both counts."""
+    b = bucket(lab)
+    manifest = catalog.read_manifest(b, backed_up)
+    part = manifest.stores["state"]
+    table, total = next((k, v) for k, v in sorted(part.sums.items()) if v.rows > 0)
+    part.sums[table] = type(total)(total.rows + 1, total.digest)
+    forged = catalog.Manifest(
+        backup_id=catalog.new_backup_id(manifest.started_at - 60),  # older: never "the newest backup"
+        site=manifest.site,
+        started_at=manifest.started_at,
+        finished_at=manifest.finished_at,
+        stores={"state": part},
+        ship_sequences=manifest.ship_sequences,
+    )
+    catalog.write_manifest(b, forged)
+    result = appliance(
+        lab, "dr", "restore", "--into", str(tmp_path / "r"), "--backup", forged.backup_id, "--store", "state"
+    )
+    assert result.returncode == 1
+    assert f"state/{table}: {total.rows} rows restored, {total.rows + 1} expected" in result.stderr
+    assert "does not match its manifest" in result.stderr

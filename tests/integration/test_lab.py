@@ -35,7 +35,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, LabSta
     state = LabState.at(site.lab.state_dir)
     try:
         report = lifecycle.up(site, state)
-        assert sorted(report.started) == ["core", "edge", "gateway", "llm", "openbao", "s3"]
+        assert sorted(report.started) == ["core", "dr-shipper", "edge", "gateway", "llm", "openbao", "s3"]
         # The corpus went in through the gateway and the smoke proved the data flow end to end.
         assert report.ingest is not None and report.ingest.files >= 9 and report.ingest.changed == report.ingest.files
         assert [s.name for s in report.smoke] == [
@@ -56,16 +56,34 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, LabSta
 
 
 def _pids(state: LabState) -> dict[str, int]:
-    names = ("openbao", "s3", "llm", "core", "gateway", "edge")
+    names = ("openbao", "s3", "llm", "core", "gateway", "edge", "dr-shipper")
     return {name: rec.pid for name in names if (rec := process.running(state, name))}
 
 
 def test_up_starts_every_service_and_each_answers_a_real_request(lab: tuple[Site, LabState]) -> None:
     site, state = lab
     health = {h.name: h for h in lifecycle.status(site, state)}
-    assert set(health) == {"openbao", "s3", "llm", "core", "gateway", "edge", "vectors", "audit_db"}
+    assert set(health) == {"openbao", "s3", "llm", "core", "gateway", "edge", "dr-shipper", "vectors", "audit_db"}
     assert all(h.ok for h in health.values()), health
     assert "TLS" in health["openbao"].detail
+
+
+def test_the_lab_shipper_keeps_every_store_within_its_rpo(lab: tuple[Site, LabState]) -> None:
+    from appliance.backends import Backends
+    from appliance.dr import catalog
+    from appliance.dr.objects import DrBucket
+    from appliance.dr.status import lags
+
+    site, state = lab
+    backends = Backends(site, state)
+    bucket = DrBucket.open(backends)
+    for store in ("state", "audit_db", "vectors"):  # the first pass shipped what the smoke and the corpus wrote
+        head = catalog.read_head(bucket, store)
+        assert head is not None and head.items > 0, store
+    rows = {r.store: r for r in lags(backends, bucket)}
+    for store in ("state", "audit_db", "vectors"):
+        assert not rows[store].over_rpo, rows[store]
+    assert rows["vault"].over_rpo  # no backup yet: Vault is covered by snapshots only, and none was taken
 
 
 def test_up_twice_is_a_no_op(lab: tuple[Site, LabState]) -> None:
@@ -74,7 +92,7 @@ def test_up_twice_is_a_no_op(lab: tuple[Site, LabState]) -> None:
     report = lifecycle.up(site, state)
     assert not report.changed, (report.started, report.bootstrap, report.ingest)
     assert report.ingest is not None and report.ingest.changed == 0
-    assert report.already_running == ["openbao", "s3", "llm", "core", "gateway", "edge"]
+    assert report.already_running == ["openbao", "s3", "llm", "core", "gateway", "edge", "dr-shipper"]
     assert _pids(state) == before
 
 
@@ -328,7 +346,7 @@ def test_cli_up_status_down_and_nothing_left_behind(tmp_path: Path) -> None:
     up = _cli("lab", "up", "--site", str(site_file), timeout=600)
     assert up.returncode == 0, up.stderr
     assert "Traceback" not in up.stdout + up.stderr
-    for name in ("openbao", "s3", "llm", "core", "gateway", "edge", "vectors", "audit_db"):
+    for name in ("openbao", "s3", "llm", "core", "gateway", "edge", "dr-shipper", "vectors", "audit_db"):
         assert name in up.stdout
     assert _cli("lab", "status", "--site", str(site_file)).returncode == 0
 
