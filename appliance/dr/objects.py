@@ -161,7 +161,7 @@ class DrBucket:
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def _lock_args(self) -> dict[str, Any]:
+    def lock_args(self) -> dict[str, Any]:
         until = datetime.now(UTC) + timedelta(days=self.policy.object_lock.days)
         return {
             "ObjectLockMode": self.policy.object_lock.mode.upper(),
@@ -181,7 +181,7 @@ class DrBucket:
             metadata = {_SHA_META: plain_sha, _SIZE_META: str(size), _CIPHER_META: cipher_sha, **(meta or {})}
             version = None
             for name, target in self.targets():
-                extra: dict[str, Any] = {"Metadata": metadata, **self._lock_args()}
+                extra: dict[str, Any] = {"Metadata": metadata, **self.lock_args()}
                 if self.sse_supported():
                     extra["ServerSideEncryption"] = "AES256"
                 with s3_errors(target, f"writing {full} to the {name} bucket"), sealed.open("rb") as body:
@@ -195,8 +195,52 @@ class DrBucket:
                 if name == "primary":
                     version = response.get("VersionId")
                 else:
-                    self._verify_copy(target, full, cipher_sha)
+                    self.verify_copy(target, full, cipher_sha)
         return StoredObject(key, size, plain_sha, version)
+
+    def put_raw(
+        self, key: str, path: Path, *, sha256: str, meta: dict[str, str] | None = None, only: str | None = None
+    ) -> str | None:
+        """Write `path` as is, without the client-side layer (for what must stay readable without the data
+        key, or what an engine wrote itself), with SSE where offered and object lock, to every target (or
+        `only` one); a replica's copy is read back and compared. Returns the primary's version id."""
+        full = self.full_key(key)
+        version = None
+        for name, target in self.targets():
+            if only is not None and name != only:
+                continue
+            extra: dict[str, Any] = {"Metadata": {_SHA_META: sha256, **(meta or {})}, **self.lock_args()}
+            if self.sse_supported():
+                extra["ServerSideEncryption"] = "AES256"
+            with s3_errors(target, f"writing {full} to the {name} bucket"), path.open("rb") as body:
+                response = target.client.put_object(
+                    Bucket=target.bucket, Key=full, Body=body, ChecksumAlgorithm="SHA256", **extra
+                )
+            if name == "primary":
+                version = response.get("VersionId")
+            else:
+                self.verify_copy(target, full, sha256)
+        return version
+
+    def get_raw(self, key: str, dest: Path, *, sha256: str) -> Path:
+        """Download `key` (written by put_raw) from the primary into `dest`, checking its sha256."""
+        full = self.full_key(key)
+        digest = hashlib.sha256()
+        try:
+            with s3_errors(self.primary, f"reading {full}"):
+                body = self.primary.client.get_object(Bucket=self.primary.bucket, Key=full)["Body"]
+                with dest.open("wb") as out:
+                    for block in iter(lambda: body.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+        except S3Denied as exc:
+            if _is_missing(exc):
+                raise MissingObject(f"{full} is missing from the primary bucket {self.primary.bucket}") from None
+            raise
+        if digest.hexdigest() != sha256:
+            dest.unlink(missing_ok=True)
+            raise CorruptObject(f"{full}: checksum {digest.hexdigest()[:16]}… is not the recorded {sha256[:16]}…")
+        return dest
 
     def put_bytes(self, key: str, data: bytes, *, meta: dict[str, str] | None = None) -> StoredObject:
         with tempfile.TemporaryDirectory(prefix="membria-dr-") as tmp:
@@ -207,7 +251,7 @@ class DrBucket:
     def put_json(self, key: str, value: Any) -> StoredObject:
         return self.put_bytes(key, json.dumps(value, indent=1, sort_keys=True).encode())
 
-    def _verify_copy(self, target: S3Target, full: str, cipher_sha: str) -> None:
+    def verify_copy(self, target: S3Target, full: str, cipher_sha: str) -> None:
         """Read the replica's object back: the copy is checked, not assumed."""
         digest = hashlib.sha256()
         with s3_errors(target, f"reading back {full} from the replica"):
@@ -235,10 +279,7 @@ class DrBucket:
                         for block in iter(lambda: response["Body"].read(1 << 20), b""):
                             out.write(block)
             except S3Denied as exc:
-                cause = exc.__cause__
-                if isinstance(cause, botocore.exceptions.ClientError) and cause.response.get("Error", {}).get(
-                    "Code"
-                ) in {"NoSuchKey", "404", "NoSuchVersion"}:
+                if _is_missing(exc):
                     raise MissingObject(f"{full} is missing from the {target} bucket {chosen.bucket}") from None
                 raise
             recorded = response.get("Metadata", {}).get(_SHA_META)
@@ -293,6 +334,15 @@ class DrBucket:
             for page in paginator.paginate(Bucket=self.primary.bucket, Prefix=full):
                 keys.extend(item["Key"][len(self.root) :] for item in page.get("Contents", []))
         return sorted(keys)
+
+
+def _is_missing(exc: S3Denied) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, botocore.exceptions.ClientError) and cause.response.get("Error", {}).get("Code") in {
+        "NoSuchKey",
+        "404",
+        "NoSuchVersion",
+    }
 
 
 def retry_unavailable(

@@ -132,23 +132,18 @@ def _listing(bucket: DrBucket, prefix: str) -> dict[str, int]:
     return out
 
 
-def _copy_to_replica(bucket: DrBucket, replica: S3Target, key: str) -> str:
+def _copy_to_replica(bucket: DrBucket, key: str) -> str:
     """Copy one object ClickHouse wrote to the replica (another endpoint: get, then put), read the copy back
-    and compare (DrBucket's check raises CorruptObject). Returns the object's sha256."""
+    and compare (CorruptObject if it differs). Returns the object's sha256."""
     full, digest = bucket.full_key(key), hashlib.sha256()
-    with tempfile.TemporaryFile(prefix="membria-dr-") as spool:
-        with s3_errors(bucket.primary, f"reading {full} for the replica"):
+    with tempfile.TemporaryDirectory(prefix="membria-dr-") as tmp:
+        spool = Path(tmp) / "object"
+        with s3_errors(bucket.primary, f"reading {full} for the replica"), spool.open("wb") as out:
             body = bucket.primary.client.get_object(Bucket=bucket.primary.bucket, Key=full)["Body"]
             for block in iter(lambda: body.read(1 << 20), b""):
                 digest.update(block)
-                spool.write(block)
-        spool.seek(0)
-        extra: dict[str, Any] = bucket._lock_args()
-        if bucket.sse_supported():
-            extra["ServerSideEncryption"] = "AES256"
-        with s3_errors(replica, f"writing {full} to the replica"):
-            replica.client.put_object(Bucket=replica.bucket, Key=full, Body=spool, ChecksumAlgorithm="SHA256", **extra)
-    bucket._verify_copy(replica, full, digest.hexdigest())
+                out.write(block)
+        bucket.put_raw(key, spool, sha256=digest.hexdigest(), only="replica")
     return digest.hexdigest()
 
 
@@ -185,7 +180,7 @@ class AuditDbStore(Store):
         shas = dict.fromkeys(listed, "")
         if bucket.replica is not None and listed:
             progress(f"audit_db: copying {len(listed)} object(s) to the replica")
-            shas = {key: _copy_to_replica(bucket, bucket.replica, key) for key in listed}
+            shas = {key: _copy_to_replica(bucket, key) for key in listed}
         base_objects: dict[str, Any] = {}
         chain: list[str] = []
         if base and previous is not None:  # a restore reads the whole chain of bases: record it to check it

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import botocore.exceptions
 import hvac.exceptions
 import requests
 
-from appliance.dr.objects import CorruptObject, DrBucket, MissingObject, S3Denied, s3_errors
+from appliance.dr.objects import DrBucket
 from appliance.dr.stores.base import Place, Progress, ShipBatch, Store, StoreBackup, TableSum
 from appliance.errors import CheckFailed, ServiceError
 
@@ -58,7 +57,7 @@ class VaultStore(Store):
             else:
                 raise ServiceError("vault: the secrets kept changing during three snapshots in a row; try again")
             progress(f"vault: raft snapshot, {size} bytes")
-            version = put_raw(bucket, key, snapshot, sha)
+            version = bucket.put_raw(key, snapshot, sha256=sha, meta={"membria-format": SNAPSHOT_FORMAT})
         return StoreBackup(
             store=self.name,
             objects={key: ""},  # "": not ours (not wrapped); the sha256 is in `extra`
@@ -76,7 +75,7 @@ class VaultStore(Store):
         workdir.mkdir(parents=True, exist_ok=True)
         snapshot = workdir / "vault-raft.snap"
         try:
-            get_raw(bucket, key, snapshot, sha)
+            bucket.get_raw(key, snapshot, sha256=sha)
             client = target.vault()
             if client is None:
                 progress("vault: the target has no Vault of its own; the snapshot's checksum was verified")
@@ -122,54 +121,6 @@ def _take_snapshot(client: hvac.Client, dest: Path) -> tuple[str, int]:
     if size == 0:
         raise ServiceError("vault: the raft snapshot came back empty")
     return digest.hexdigest(), size
-
-
-def put_raw(bucket: DrBucket, key: str, path: Path, sha256: str) -> str | None:
-    """Write `path` as is (no client-side layer) to every target, with SSE where offered and object lock; the
-    replica's copy is read back and compared. Returns the primary's version id."""
-    full = bucket.full_key(key)
-    version = None
-    for name, target in bucket.targets():
-        extra: dict[str, Any] = {
-            "Metadata": {"plaintext-sha256": sha256, "membria-format": SNAPSHOT_FORMAT},
-            **bucket._lock_args(),
-        }
-        if bucket.sse_supported():
-            extra["ServerSideEncryption"] = "AES256"
-        with s3_errors(target, f"writing {full} to the {name} bucket"), path.open("rb") as body:
-            response = target.client.put_object(
-                Bucket=target.bucket, Key=full, Body=body, ChecksumAlgorithm="SHA256", **extra
-            )
-        if name == "primary":
-            version = response.get("VersionId")
-        else:
-            bucket._verify_copy(target, full, sha256)
-    return version
-
-
-def get_raw(bucket: DrBucket, key: str, dest: Path, sha256: str) -> None:
-    """Download `key` from the primary into `dest` and check its sha256 (CorruptObject / MissingObject)."""
-    full = bucket.full_key(key)
-    digest = hashlib.sha256()
-    try:
-        with s3_errors(bucket.primary, f"reading {full}"):
-            body = bucket.primary.client.get_object(Bucket=bucket.primary.bucket, Key=full)["Body"]
-            with dest.open("wb") as out:
-                for block in iter(lambda: body.read(_BLOCK), b""):
-                    digest.update(block)
-                    out.write(block)
-    except S3Denied as exc:
-        cause = exc.__cause__
-        if isinstance(cause, botocore.exceptions.ClientError) and cause.response.get("Error", {}).get("Code") in {
-            "NoSuchKey",
-            "404",
-            "NoSuchVersion",
-        }:
-            raise MissingObject(f"{full} is missing from the primary bucket {bucket.primary.bucket}") from None
-        raise
-    if digest.hexdigest() != sha256:
-        dest.unlink(missing_ok=True)
-        raise CorruptObject(f"{full}: checksum {digest.hexdigest()[:16]}… is not the recorded {sha256[:16]}…")
 
 
 # -- after a restore ----------------------------------------------------------------------------------------------
