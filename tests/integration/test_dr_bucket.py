@@ -16,6 +16,8 @@ from appliance.dr.objects import CorruptObject, DrBucket, MissingObject, S3Denie
 from appliance.site import Dr
 from tests.integration.dr_support import Outage, S3Endpoint, dr_bucket
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Endpoint, S3Endpoint]]:

@@ -24,7 +24,7 @@ from appliance.dr.objects import DrBucket
 from tests.conftest import REPO
 from tests.integration.conftest import GatewayLab
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 def appliance(lab: GatewayLab, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

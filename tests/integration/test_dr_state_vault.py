@@ -35,6 +35,8 @@ from runtime.gateway.idempotency import IdempotencyStore
 from tests.conftest import example_data, lab_site_data
 from tests.integration.dr_support import S3Endpoint, dr_bucket
 
+pytestmark = pytest.mark.integration
+
 
 def quiet(_: str) -> None:
     pass

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from appliance.dr import crypto
 from appliance.dr.crypto import FRAME, DataKey, DecryptError, decrypt_stream, encrypt_stream
 
+pytestmark = pytest.mark.unit
+
 
 def seal(key: DataKey, name: str, data: bytes) -> bytes:
     out = io.BytesIO()
