@@ -16,8 +16,11 @@ and two moto S3 servers (primary and replica, `tests/integration/dr_support.S3En
     256-row batches into a fresh collection (the source's own fill, timed).
   Embeddings are real: `--distinct` texts are embedded with the packaged model and reused with a per-row
   reference number up to the full size, exactly as bench/edge.py does for its 100k case (embedding 100k
-  texts on 2 cores would take about an hour). Inserting is measured on `--probe` rows first; when the
-  vector part would exceed `--vector-budget-s`, the largest size that fits is used and the output says so.
+  distinct texts on 2 cores would take a quarter of an hour or more). Inserts and full reads are timed on
+  `--probe` rows first, the read time's exponent fitted on two sizes (reads are superlinear on Milvus
+  Lite 3: each `query_iterator` page scans and sorts the whole collection); when the vector part would
+  exceed `--vector-budget-s`, the largest size that fits is used and the output says so. On 2 cores 100k
+  vectors take about 30 minutes: pass `--vector-budget-s 2000` for them.
 - drill RTO: `restore.restore_store` of both stores (restore, check against the manifest, shipments, sums)
   into empty targets, plus the drill's verification against the live source (sums on both sides), vs the
   site's RTO targets (`appliance.site.Dr` defaults).
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -466,33 +470,47 @@ def bench_vectors(args: argparse.Namespace, work: Path, spec: Spec) -> dict[str,
     base = int(time.time()) - args.vectors // 100 - 1
     fields = list(_chunk_rows(0, 1, pool, vectors, base)[0])
     probe = min(args.probe, args.vectors)
-    insert_s = probe_insert_s = _insert(client, name, _chunk_rows(0, probe, pool, vectors, base))
+    quarter = max(1, probe // 4)
+    probe_insert_s = _insert(client, name, _chunk_rows(0, quarter, pool, vectors, base))
+    _, quarter_read_s = _bare_read(client, name, fields)
+    probe_insert_s += _insert(client, name, _chunk_rows(quarter, probe, pool, vectors, base))
     _, probe_read_s = _bare_read(client, name, fields)
-    # The vector part inserts every row twice (fill, restore) and reads it about 7 times (baseline, backup,
-    # restore_store's two sums, the drill's two sums, the idle shipping pass).
-    per_row = (2 * probe_insert_s + 7 * probe_read_s) / probe
+    insert_s = probe_insert_s
+    # A full read is superlinear on Milvus Lite 3 (each query_iterator page scans and sorts the whole
+    # collection): fit its exponent on the two probe reads. The vector part inserts every row twice (fill,
+    # restore) and reads the collection about 7 times (baseline, backup, restore_store's two sums, the
+    # drill's two sums, the idle shipping pass).
+    exponent = 1.0
+    if probe > quarter and quarter_read_s > 0:
+        exponent = min(2.5, max(1.0, math.log(probe_read_s / quarter_read_s) / math.log(probe / quarter)))
+
+    def estimate_s(n: int) -> float:
+        return float(2 * probe_insert_s * n / probe + 7 * probe_read_s * (n / probe) ** exponent)
+
     wanted = args.vectors
     candidates = sorted({args.vectors, 50_000, 20_000, probe}, reverse=True)
-    size = next((n for n in candidates if n <= args.vectors and n * per_row <= args.vector_budget_s), probe)
-    estimate = size * per_row
+    size = next((n for n in candidates if n <= args.vectors and estimate_s(n) <= args.vector_budget_s), probe)
     note = "" if size == wanted else (
-        f"{wanted} vectors would take about {wanted * per_row:.0f} s here (over the {args.vector_budget_s} s "
+        f"{wanted} vectors would take about {estimate_s(wanted):.0f} s here (over the {args.vector_budget_s:g} s "
         f"budget): measured at {size}"
     )  # fmt: skip
     console.print(
-        f"vectors: probe {probe} rows: insert {probe / insert_s:.0f}/s, read {probe / probe_read_s:.0f}/s; "
-        f"using {size} (estimated {estimate:.0f} s)" + (f" [yellow]{note}[/]" if note else "")
+        f"vectors: probe {probe} rows: insert {probe / probe_insert_s:.0f}/s, read {probe / probe_read_s:.0f}/s "
+        f"(read time ~ rows^{exponent:.2f}); using {size} (estimated {estimate_s(size):.0f} s)"
+        + (f" [yellow]{note}[/]" if note else "")
     )
     for start in range(probe, size, 10_000):
         insert_s += _insert(client, name, _chunk_rows(start, min(size, start + 10_000), pool, vectors, base))
     read_rows, read_s = _bare_read(client, name, fields)
     assert read_rows == size, f"read {read_rows} rows back, inserted {size}"
     client.close()
+    console.print(f"vectors: {size} rows inserted in {insert_s:.0f} s, read back in {read_s:.0f} s")
 
     bucket, place, store = spec.open(), BenchPlace(milvus=source), VectorsStore()
     started = time.perf_counter()
     part = store.backup(bucket, place, "backups/bench/vectors/", None, lambda _: None)
     backup_s = time.perf_counter() - started
+    console.print(f"vectors: backup {backup_s:.0f} s")
     parquet_bytes = sum(
         int(bucket.primary.client.head_object(Bucket=bucket.primary.bucket, Key=bucket.full_key(k))["ContentLength"])
         for k in part.objects
@@ -502,6 +520,7 @@ def bench_vectors(args: argparse.Namespace, work: Path, spec: Spec) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="ship-", dir=work) as tmp:
         batch = store.changes(place, part.watermark, Path(tmp))
     idle_ship_s = time.perf_counter() - started
+    console.print(f"vectors: idle shipping pass {idle_ship_s:.0f} s")
     return {
         "wanted": wanted,
         "rows": size,
@@ -512,8 +531,9 @@ def bench_vectors(args: argparse.Namespace, work: Path, spec: Spec) -> dict[str,
             "rows": probe,
             "insert_per_s": round(probe / probe_insert_s),
             "read_per_s": round(probe / probe_read_s),
+            "read_exponent": round(exponent, 2),
         },
-        "estimate_s": estimate,
+        "estimate_s": estimate_s(size),
         "fill_insert_s": insert_s,
         "bare_read_s": read_s,
         "backup_s": backup_s,
@@ -708,6 +728,7 @@ def _run(
     target = work / "vectors-drill.db"
     milvus_files.append(target)
     vdrill = vectors_drill(spec, manifest, vec.pop("source"), target, work)
+    console.print(f"drill: audit_db RTO {audit_drill['rto_s']:.1f} s, vectors RTO {vdrill['rto_s']:.0f} s")
     out["vectors"] = {
         **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in vec.items()},
         "backup": {
