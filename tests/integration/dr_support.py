@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,17 @@ class S3Endpoint:
         target = S3Target(client=self.client(), bucket=bucket, endpoint=self.url)
         ensure_locked_bucket(target)
         return target
+
+
+@contextlib.contextmanager
+def endpoint_pair(log_dir: Path, *, auth: bool = False) -> Iterator[tuple[S3Endpoint, S3Endpoint]]:
+    """A primary (with IAM auth when asked) and a replica endpoint, stopped on exit."""
+    primary, replica = S3Endpoint.start_new(log_dir, auth=auth), S3Endpoint.start_new(log_dir)
+    try:
+        yield primary, replica
+    finally:
+        primary.stop()
+        replica.stop()
 
 
 def dr_bucket(

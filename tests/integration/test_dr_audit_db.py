@@ -31,7 +31,7 @@ from appliance.dr.stores.base import Place, ShipBatch, StoreBackup, TableSum
 from appliance.errors import CheckFailed, ServiceError
 from appliance.lab.bootstrap import ensure_locked_bucket
 from appliance.site import Dr
-from tests.integration.dr_support import S3Endpoint
+from tests.integration.dr_support import S3Endpoint, endpoint_pair
 
 pytestmark = pytest.mark.integration
 
@@ -200,11 +200,8 @@ def apply(shipment: Path, path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Endpoint, S3Endpoint]]:
-    logs = tmp_path_factory.mktemp("moto")
-    primary, replica = S3Endpoint.start_new(logs), S3Endpoint.start_new(logs)
-    yield primary, replica
-    primary.stop()
-    replica.stop()
+    with endpoint_pair(tmp_path_factory.mktemp("moto")) as pair:
+        yield pair
 
 
 @pytest.fixture

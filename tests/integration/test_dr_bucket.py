@@ -14,18 +14,15 @@ from appliance.backends import S3Target
 from appliance.dr.crypto import DataKey
 from appliance.dr.objects import CorruptObject, DrBucket, MissingObject, S3Denied, S3Unavailable, retry_unavailable
 from appliance.site import Dr
-from tests.integration.dr_support import Outage, S3Endpoint, dr_bucket
+from tests.integration.dr_support import Outage, S3Endpoint, dr_bucket, endpoint_pair
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Endpoint, S3Endpoint]]:
-    logs = tmp_path_factory.mktemp("moto")
-    primary, replica = S3Endpoint.start_new(logs, auth=True), S3Endpoint.start_new(logs)
-    yield primary, replica
-    primary.stop()
-    replica.stop()
+    with endpoint_pair(tmp_path_factory.mktemp("moto"), auth=True) as pair:
+        yield pair
 
 
 @pytest.fixture

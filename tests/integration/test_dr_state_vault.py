@@ -33,7 +33,7 @@ from runtime.common.replica import ReplicaStore
 from runtime.core.sync_hub import SyncHub
 from runtime.gateway.idempotency import IdempotencyStore
 from tests.conftest import example_data, lab_site_data
-from tests.integration.dr_support import S3Endpoint, dr_bucket
+from tests.integration.dr_support import S3Endpoint, dr_bucket, endpoint_pair
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +44,8 @@ def quiet(_: str) -> None:
 
 @pytest.fixture(scope="module")
 def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Endpoint, S3Endpoint]]:
-    logs = tmp_path_factory.mktemp("moto")
-    primary, replica = S3Endpoint.start_new(logs), S3Endpoint.start_new(logs)
-    yield primary, replica
-    primary.stop()
-    replica.stop()
+    with endpoint_pair(tmp_path_factory.mktemp("moto")) as pair:
+        yield pair
 
 
 @pytest.fixture
