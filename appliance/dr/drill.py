@@ -182,7 +182,9 @@ def run_drill(
             started = time.monotonic()
             try:
                 drill.restore = restore_store(bucket, manifest, name, target, workdir, progress)
-                drill.unshipped_changes, drill.mismatches = _verify(name, source, target, bucket, manifest, progress)
+                drill.unshipped_changes, drill.mismatches = _verify(
+                    name, source, target, bucket, manifest, drill.restore, progress
+                )
             except Exception as exc:  # noqa: BLE001 - a store that fails is reported; the drill goes on
                 drill.error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             drill.rto_seconds = time.monotonic() - started
@@ -193,7 +195,13 @@ def run_drill(
 
 
 def _verify(
-    name: str, source: SitePlace, target: ScratchPlace, bucket: DrBucket, manifest: catalog.Manifest, progress: Progress
+    name: str,
+    source: SitePlace,
+    target: ScratchPlace,
+    bucket: DrBucket,
+    manifest: catalog.Manifest,
+    restored: StoreRestore,
+    progress: Progress,
 ) -> tuple[int, list[Mismatch]]:
     store = make_store(name)
     head = catalog.read_head(bucket, name)
@@ -204,9 +212,11 @@ def _verify(
     mismatches: list[Mismatch] = []
     if not store.can_compare(target):
         return 0, []  # checked by checksum only (see StoreRestore.sums: empty)
-    for _attempt in range(3):
+    for attempt in range(3):
         progress(f"{name}: verifying against the source")
-        mismatches = compare(name, store.sums(source), store.sums(target))
+        # The restore's own final sums are the target's on the first comparison: no second full read.
+        target_sums = restored.sums if attempt == 0 else store.sums(target)
+        mismatches = compare(name, store.sums(source), target_sums)
         if not mismatches:
             break
         with tempfile.TemporaryDirectory(prefix=f"membria-drill-{name}-") as tmp:
