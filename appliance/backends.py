@@ -156,8 +156,10 @@ class Backends:
 
         spec = self.site.services.vectors
         if spec.backend == "embedded":
+            from runtime.core.store import lite_uri_file
+
             path = self.milvus_lite_path()
-            published = path.with_name(path.name + ".uri")  # written by a running core server (CoreService)
+            published = lite_uri_file(path)  # written by a running core server (CoreService)
             if published.is_file():
                 from pymilvus.exceptions import MilvusException
 

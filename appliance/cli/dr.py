@@ -54,6 +54,13 @@ def _stores(stores: list[str] | None) -> list[str] | None:
     return stores or None
 
 
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
 def _bucket(backends: Backends) -> DrBucket:
     from appliance.dr.objects import DrBucket
 
@@ -107,9 +114,9 @@ def backup(
             stores=stores,
             progress=lambda msg: spinner.update(escape(msg)),
         )
-    table = Table(title=f"backup {manifest.backup_id} ({time.monotonic() - started:.1f} s)")
-    for column in ("store", "table", "rows", "checksum"):
-        table.add_column(column)
+    table = _table(
+        f"backup {manifest.backup_id} ({time.monotonic() - started:.1f} s)", ("store", "table", "rows", "checksum")
+    )
     for name, part in manifest.stores.items():
         for tname, total in sorted(part.sums.items()):
             table.add_row(name, tname, str(total.rows), total.digest[:16])
@@ -173,9 +180,10 @@ def status(
     if as_json:
         console.print_json(json.dumps([r.to_wire() for r in rows]))
     else:
-        table = Table(title=f"DR status — site {backends.site.site.name}")
-        for column in ("store", "lag", "RPO", "last shipment", "last backup", "state"):
-            table.add_column(column)
+        table = _table(
+            f"DR status — site {backends.site.site.name}",
+            ("store", "lag", "RPO", "last shipment", "last backup", "state"),
+        )
         for r in rows:
             lag = "never" if r.lag_seconds is None else f"{r.lag_seconds:.0f} s"
             state = "[red]OVER RPO[/]" if r.over_rpo else "[green]ok[/]"
@@ -195,9 +203,7 @@ def list_backups(site_file: Path = SiteOption, state_dir: Path | None = StateDir
 
     backends = _backends(site_file, state_dir)
     bucket = _bucket(backends)
-    table = Table(title="backups")
-    for column in ("backup", "stores", "started", "seconds"):
-        table.add_column(column)
+    table = _table("backups", ("backup", "stores", "started", "seconds"))
     for backup_id in catalog.backup_ids(bucket):
         m = catalog.read_manifest(bucket, backup_id)
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m.started_at))
@@ -240,9 +246,9 @@ def restore(
         console.print("the targets must be empty; run again with --yes to do it")
         return
     target = SitePlace(backends) if in_place else ScratchPlace(into or Path(), backends)
-    table = Table(title=f"restored backup {manifest.backup_id}")
-    for column in ("store", "table", "rows", "checksum", "shipments", "seconds"):
-        table.add_column(column)
+    table = _table(
+        f"restored backup {manifest.backup_id}", ("store", "table", "rows", "checksum", "shipments", "seconds")
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="membria-restore-") as tmp, console.status("restoring") as spinner:
             for name in names:
@@ -287,9 +293,10 @@ def drill(
             progress=lambda m: spinner.update(escape(m)),
         )
         json_path, md_path = write_report(report, out, bucket)
-    table = Table(title=f"drill {report.drill_id} — backup {report.backup_id}")
-    for column in ("store", "verified", "RPO", "RTO", "unshipped", "result"):
-        table.add_column(column)
+    table = _table(
+        f"drill {report.drill_id} — backup {report.backup_id}",
+        ("store", "verified", "RPO", "RTO", "unshipped", "result"),
+    )
     for s in report.stores:
         rpo = "-" if s.rpo_seconds is None else f"{s.rpo_seconds:.1f} / {s.rpo_target} s"
         rto = "-" if s.rto_seconds is None else f"{s.rto_seconds:.1f} / {s.rto_target} s"

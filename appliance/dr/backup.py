@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 from appliance.dr import catalog
 from appliance.dr.objects import DrBucket
@@ -26,11 +24,11 @@ def run_backup(
     for name in names:
         head = catalog.read_head(bucket, name)
         ship_sequences[name] = head.sequence if head else 0
+    previous_parts = catalog.latest_parts(bucket, names)
     parts: dict[str, StoreBackup] = {}
     for name in names:
         store = make_store(name)
-        previous_manifest = catalog.latest_manifest(bucket, name)
-        previous = previous_manifest.stores[name] if previous_manifest else None
+        previous = previous_parts[name][1] if name in previous_parts else None
         progress(f"{name}: backing up")
         parts[name] = store.backup(bucket, place, f"backups/{backup_id}/{name}/", previous, progress)
         progress(f"{name}: done ({sum(s.rows for s in parts[name].sums.values())} rows)")
@@ -44,10 +42,3 @@ def run_backup(
     )
     catalog.write_manifest(bucket, manifest)
     return manifest
-
-
-def scratch_dir(base: Path | None, name: str) -> Path:
-    """A new empty directory for a restore target or downloads."""
-    base = base or Path(tempfile.gettempdir())
-    base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))

@@ -94,13 +94,24 @@ def read_manifest(bucket: DrBucket, backup_id: str) -> Manifest:
         raise MissingObject(f"the manifest of backup {backup_id} is malformed: {exc}") from None
 
 
-def latest_manifest(bucket: DrBucket, store: str | None = None) -> Manifest | None:
-    """The newest complete backup (that includes `store`, when given)."""
+def latest_manifest(bucket: DrBucket) -> Manifest | None:
+    """The newest complete backup."""
+    ids = backup_ids(bucket)
+    return read_manifest(bucket, ids[-1]) if ids else None
+
+
+def latest_parts(bucket: DrBucket, stores: list[str] | tuple[str, ...]) -> dict[str, tuple[str, StoreBackup]]:
+    """For each store, (backup id, its part) of the newest backup that includes it; one listing, and each
+    manifest read at most once (usually only the newest: backups normally cover every store)."""
+    found: dict[str, tuple[str, StoreBackup]] = {}
     for backup_id in reversed(backup_ids(bucket)):
+        if len(found) == len(stores):
+            break
         manifest = read_manifest(bucket, backup_id)
-        if store is None or store in manifest.stores:
-            return manifest
-    return None
+        for name in stores:
+            if name not in found and name in manifest.stores:
+                found[name] = (backup_id, manifest.stores[name])
+    return found
 
 
 # --- shipments ---------------------------------------------------------------------------------------

@@ -162,7 +162,8 @@ def run_drill(
     disaster = time.time()
     names = stores or list(STORE_NAMES)
     beats = Heartbeat(heartbeat_path(backends)).read()
-    copies = {name: shipped_up_to(bucket, name, beats)[0] for name in names}
+    backups = catalog.latest_parts(bucket, names)
+    copies = {name: shipped_up_to(bucket, name, beats, backups)[0] for name in names}
     manifest = choose_manifest(bucket, backup_id)
     report = DrillReport(
         drill_id=f"{datetime.fromtimestamp(disaster, UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}",

@@ -10,8 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -343,25 +342,3 @@ def _is_missing(exc: S3Denied) -> bool:
         "404",
         "NoSuchVersion",
     }
-
-
-def retry_unavailable(
-    action: Callable[[], Any],
-    *,
-    attempts: int = 5,
-    first_delay: float = 0.5,
-    on_retry: Callable[[int, Exception], None] | None = None,
-) -> Any:
-    """Run `action`, retrying only S3Unavailable with exponential backoff; other errors go straight up."""
-    delay = first_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except S3Unavailable as exc:
-            if attempt == attempts:
-                raise
-            if on_retry is not None:
-                on_retry(attempt, exc)
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-    raise AssertionError("unreachable")

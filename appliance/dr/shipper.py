@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from appliance.dr import catalog
-from appliance.dr.objects import DrBucket, S3Unavailable
+from appliance.dr.objects import DrBucket
 from appliance.dr.stores import SHIPPED, make_store
 from appliance.dr.stores.base import Place, Store
 from runtime.common import atomic
@@ -141,14 +141,13 @@ class Shipper:
             try:
                 bucket = bucket or self.bucket_factory()
                 outcomes = ship_pass(bucket, self.place, self.heartbeat)
-            except S3Unavailable as exc:  # reading heads failed before any store ran
-                outcomes = [ShipOutcome("*", 0, None, 0.0, error=exc.message)]
-            except Exception as exc:  # noqa: BLE001 - the loop must survive; the next pass retries
+            except Exception as exc:  # noqa: BLE001 - opening the bucket failed (Vault down?): retry soon
                 outcomes = [ShipOutcome("*", 0, None, 0.0, error=getattr(exc, "message", str(exc)))]
-                bucket = None  # e.g. Vault was down: open the bucket again next time
             if self.report is not None:
                 self.report(outcomes)
-            failed = any(o.error for o in outcomes)
-            wait = min(retry_delay, self.interval) if failed else self.interval
-            retry_delay = min(retry_delay * 2, self.interval) if failed else 1.0
-            self.stopping.wait(max(0.0, wait - (time.monotonic() - started)) if not failed else wait)
+            if any(o.error for o in outcomes):  # retry sooner, backing off up to the interval
+                self.stopping.wait(retry_delay)
+                retry_delay = min(retry_delay * 2, self.interval)
+            else:
+                retry_delay = 1.0
+                self.stopping.wait(max(0.0, self.interval - (time.monotonic() - started)))

@@ -17,6 +17,7 @@ from appliance.dr import catalog
 from appliance.dr.objects import DrBucket
 from appliance.dr.shipper import Heartbeat
 from appliance.dr.stores import SHIPPED, STORE_NAMES
+from appliance.dr.stores.base import StoreBackup
 
 PRODUCTION_HEARTBEAT = Path("/var/lib/membria/dr/shipper.json")
 
@@ -55,9 +56,10 @@ class StoreLag:
 
 
 def shipped_up_to(
-    bucket: DrBucket, store: str, heartbeat: dict[str, Any]
+    bucket: DrBucket, store: str, heartbeat: dict[str, Any], backups: dict[str, tuple[str, StoreBackup]]
 ) -> tuple[float | None, int | None, str | None]:
-    """(time the store's copy is current up to, last shipment sequence, last backup id)."""
+    """(time the store's copy is current up to, last shipment sequence, last backup id); `backups` is
+    `catalog.latest_parts`."""
     candidates: list[float] = []
     head = catalog.read_head(bucket, store) if store in SHIPPED else None
     if head is not None:
@@ -65,22 +67,19 @@ def shipped_up_to(
     beat = heartbeat.get(store)
     if isinstance(beat, dict) and beat.get("shipped_up_to"):
         candidates.append(float(beat["shipped_up_to"]))
-    manifest = catalog.latest_manifest(bucket, store)
-    if manifest is not None:
-        candidates.append(manifest.stores[store].source_time)
-    return (
-        max(candidates) if candidates else None,
-        head.sequence if head else None,
-        manifest.backup_id if manifest else None,
-    )
+    backup_id, part = backups.get(store, (None, None))
+    if part is not None:
+        candidates.append(part.source_time)
+    return (max(candidates) if candidates else None, head.sequence if head else None, backup_id)
 
 
 def lags(backends: Backends, bucket: DrBucket, *, now: float | None = None) -> list[StoreLag]:
     now = now or time.time()
     beats = Heartbeat(heartbeat_path(backends)).read()
+    backups = catalog.latest_parts(bucket, STORE_NAMES)
     out = []
     for store in STORE_NAMES:
-        up_to, sequence, backup_id = shipped_up_to(bucket, store, beats)
+        up_to, sequence, backup_id = shipped_up_to(bucket, store, beats, backups)
         beat = beats.get(store) if isinstance(beats.get(store), dict) else {}
         out.append(
             StoreLag(

@@ -28,14 +28,10 @@ from runtime.core.store import (
     StoreError,
     UpsertResult,
     _quiet_lite_iterator_warning,
+    lite_uri_file,
     validate_department,
 )
 from runtime.core.sync_hub import SyncHub
-
-
-def lite_uri_file(path: Path) -> Path:
-    """Where a running core publishes the loopback URI of the Milvus Lite server it holds for `path`."""
-    return path.with_name(path.name + ".uri")
 
 
 @dataclass(frozen=True)

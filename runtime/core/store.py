@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from runtime.common.embeddings import DIMENSION
@@ -102,6 +103,11 @@ class UpsertResult:
     removed_chunks: int
     changed: bool  # False when the upload was identical to the stored version
     title: str = ""
+
+
+def lite_uri_file(path: Path) -> Path:
+    """Where a running core publishes the loopback URI of the Milvus Lite server it holds for `path`."""
+    return path.with_name(path.name + ".uri")
 
 
 def validate_department(department: str) -> str:

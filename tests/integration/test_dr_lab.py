@@ -333,7 +333,7 @@ def test_s3_down_during_shipping_loses_nothing(lab: GatewayLab, backed_up: str, 
     outage.up()
     outcome = ship_store(via, place, store)
     assert outcome.items > 0 and outcome.sequence == (head_before.sequence if head_before else 0) + 1
-    manifest = catalog.latest_manifest(real, "state")
+    manifest = catalog.latest_manifest(real)
     assert manifest is not None
     target = ScratchPlace(tmp_path / "target", lab.backends)
     restored = restore_store(real, manifest, "state", target, tmp_path, lambda _: None)
