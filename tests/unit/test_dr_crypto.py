@@ -30,7 +30,9 @@ def test_round_trip_at_frame_boundaries(size: int) -> None:
     key = DataKey.generate()
     data = os.urandom(size)
     blob = seal(key, "site/backups/x", data)
-    assert data not in blob or size == 0
+    # A few random bytes can occur in any ciphertext by chance; 16 cannot (2^-128 per offset).
+    if size >= 16:
+        assert data[:16] not in blob
     assert unseal(key, "site/backups/x", blob) == data
 
 
