@@ -16,10 +16,11 @@ STAMPS := .stamps
 SITE ?= examples/lab.yaml
 
 # Build tools for llama-cpp-python (compiled from source), venv support, TLS roots; headless chromium for
-# the edge chat page test.
-APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates chromium chromium-driver
+# the edge chat page test; nspawn test hosts (systemd-container, mmdebstrap, a bridge, an SSH client).
+APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates chromium chromium-driver \
+	systemd-container mmdebstrap iproute2 openssh-client
 # pytest's markers for the tiers `make test` runs (later tiers join as they land).
-TEST_TIERS ?= unit or integration
+TEST_TIERS ?= unit or integration or hosts
 PYTEST_ARGS ?=
 # Python trees to lint (bench/ once it exists).
 PY_DIRS := appliance runtime edge_image tests $(wildcard bench)
