@@ -12,6 +12,7 @@ from typer.exceptions import TyperException
 
 from appliance import __version__
 from appliance.cli import audit_log as audit_log_cli
+from appliance.cli import core as core_cli
 from appliance.cli import dr as dr_cli
 from appliance.cli import edge as edge_cli
 from appliance.cli import lab as lab_cli
@@ -40,6 +41,7 @@ app.add_typer(audit_log_cli.app, name="audit-log")
 app.add_typer(license_cli.app, name="license")
 app.add_typer(edge_cli.app, name="edge")
 app.add_typer(dr_cli.app, name="dr")
+app.add_typer(core_cli.app, name="core")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,281 @@
+"""`appliance core plan | apply`: provision the site's core nodes with the Ansible roles in `roles/`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.markup import escape
+
+from appliance.backends import Backends
+from appliance.cli.common import SiteOption, load
+from appliance.cli.output import console, err_console, print_ok
+from appliance.errors import BadInput, CheckFailed, ServiceError
+from appliance.lab.state import LabState
+from appliance.site import NAME_PATTERN, Site
+
+if TYPE_CHECKING:
+    from appliance.core.runner import EventHandler, RunResult
+
+app = typer.Typer(
+    help=(
+        "Provision the site's core nodes over SSH: the site file becomes an Ansible inventory "
+        "(<state>/core/inventory/hosts.json, regenerated on every run) and roles/playbooks/core.yml runs "
+        "through ansible-runner. Each role is tagged with its own name.\n\n"
+        "First `plan` (a check + diff run: what would change, per host and role; nothing is touched), "
+        "then `apply`. Both compute the LLM serving plan from the site's GPUs first and refuse, with the "
+        "arithmetic, a model that cannot fit, before anything runs.\n\n"
+        "Examples:\n\n"
+        "  appliance core plan --site examples/rack.yaml\n\n"
+        "  appliance core plan --site examples/rack.yaml --tags base,gateway --json\n\n"
+        "  appliance core apply --site examples/rack.yaml --limit core-1 --events core-1-events.jsonl"
+    ),
+    no_args_is_help=True,
+)
+
+StateDirOption = typer.Option(
+    None,
+    "--state-dir",
+    envvar="MEMBRIA_STATE_DIR",
+    help=(
+        "Where the inventory, known host keys and run logs go (default: the lab's state directory for a site "
+        "with embedded services, else .membria/<site name>). Env: MEMBRIA_STATE_DIR."
+    ),
+)
+LimitOption = typer.Option(
+    None,
+    "--limit",
+    "-l",
+    help="Only these core nodes: names separated by commas (core-1,core-2), or any Ansible host pattern.",
+)
+TagsOption = typer.Option(
+    None,
+    "--tags",
+    "-t",
+    help="Only these roles (repeatable, or separated by commas): --tags base,monitoring.",
+)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    site: Site
+    state: Path
+    inventory: Path
+    envvars: dict[str, str]
+    nodes: list[str]
+    plans: dict[str, Any]
+
+    @property
+    def private_data_dir(self) -> Path:
+        return self.state / "core" / "runner"
+
+
+def _tags(tags: list[str] | None) -> list[str] | None:
+    from appliance.core.runner import roles_dir
+
+    wanted = [t.strip() for item in tags or [] for t in item.split(",") if t.strip()]
+    if not wanted:
+        return None
+    roles = sorted(p.name for p in roles_dir().iterdir() if p.is_dir() and (p / "tasks").is_dir())
+    unknown = [t for t in wanted if t not in roles and t != "always"]
+    if unknown:
+        raise BadInput(f"unknown role tag(s): {', '.join(unknown)}; the roles are {', '.join(roles)}")
+    return wanted
+
+
+def _limited(site: Site, limit: str | None) -> list[str]:
+    """The nodes a limit names, to issue Vault credentials for. A plain list of names is checked against the
+    site; any other host pattern is left to Ansible (every node gets credentials)."""
+    names = [n.name for n in site.core_nodes]
+    if not limit:
+        return names
+    parts = [p for p in re.split(r"[,:]", limit) if p]
+    if not all(re.fullmatch(NAME_PATTERN, p) for p in parts):
+        return names
+    parts = [p for p in parts if p not in ("all", "core_nodes")] or names
+    unknown = [p for p in parts if p not in names]
+    if unknown:
+        raise BadInput(f"--limit names unknown core node(s): {', '.join(unknown)}; the site has {', '.join(names)}")
+    return [n for n in names if n in parts]
+
+
+def _backends(site: Site, state: Path) -> Backends:
+    return Backends(site, LabState.at(state) if site.embedded["vault"] else None)
+
+
+def _existing_role_ids(backends: Backends, nodes: list[str]) -> dict[str, str | None]:
+    """For `plan`: the AppRole role ids Vault already has, changing nothing (no role, no secret id made)."""
+    import hvac.exceptions
+
+    from appliance.core.vault_access import APPROLE_MOUNT, approle_name
+
+    client = backends.vault()
+    out: dict[str, str | None] = {}
+    for node in nodes:
+        try:
+            answer = client.auth.approle.read_role_id(approle_name(node), mount_point=APPROLE_MOUNT)
+            out[node] = str(answer["data"]["role_id"])
+        except (hvac.exceptions.InvalidPath, hvac.exceptions.InvalidRequest):
+            out[node] = None  # not made yet: `apply` makes it
+        except hvac.exceptions.VaultError as exc:
+            raise ServiceError(f"Vault refused to read the AppRole of {node}: {exc}") from exc
+    return out
+
+
+def _prepare(site_file: Path, state_dir: Path | None, limit: str | None, *, mint_secrets: bool) -> Prepared:
+    from appliance.core.inventory import build_inventory, core_state_dir, llm_plan, secret_id_env, write_inventory
+
+    site = load(site_file)
+    # The serving plan first: a model that cannot fit is refused (with its arithmetic) before anything else.
+    plans = {node.name: llm_plan(site, node) for node in site.core_nodes}
+    nodes = _limited(site, limit)
+    state = core_state_dir(site, state_dir)
+    backends = _backends(site, state)
+    envvars: dict[str, str] = {}
+    role_ids: dict[str, str | None]
+    if mint_secrets:
+        from appliance.core.vault_access import node_credentials
+
+        role_ids = {}
+        with console.status("Vault: node identities", spinner="dots"):
+            for node in nodes:
+                role_ids[node], envvars[secret_id_env(node)] = node_credentials(site, node, backends)
+    else:
+        role_ids = _existing_role_ids(backends, nodes)
+    extra = {node: {"membria_vault_role_id": role_id} for node, role_id in role_ids.items()}
+    inventory = build_inventory(site, extra_hostvars=extra, state_dir=state, site_file=site_file)
+    return Prepared(site, state, write_inventory(inventory, state), envvars, nodes, plans)
+
+
+def _show_plans(prepared: Prepared) -> None:
+    for node in prepared.nodes:
+        lines = prepared.plans[node].get("arithmetic") or []
+        console.print(f"[bold]serving plan[/] {escape(node)}:")
+        for line in lines:
+            console.print(f"  {escape(str(line))}", soft_wrap=True)
+
+
+def _verdict(result: RunResult, what: str) -> None:
+    broken = result.broken_hosts
+    if broken:
+        raise CheckFailed(
+            f"{what}: {', '.join(broken)} failed or unreachable", hint=f"every event is in {result.events_path}"
+        )
+    if result.rc != 0:
+        first = result.errors[0].splitlines()[0] if result.errors else f"status {result.status}"
+        raise CheckFailed(
+            f"{what}: ansible-playbook exited with {result.rc}: {first}", hint=f"see {result.events_path}"
+        )
+
+
+@app.command()
+def plan(
+    site_file: Path = SiteOption,
+    state_dir: Path | None = StateDirOption,
+    limit: str | None = LimitOption,
+    tags: list[str] | None = TagsOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (no live view)."),
+) -> None:
+    """What `apply` would change, per host and role (a check + diff run).
+
+    Nothing is touched, on the nodes or in Vault. Exit 0 when the check completed, pending changes or
+    not; 1 when a host failed or was unreachable.
+
+    Example: appliance core plan --site examples/rack.yaml --tags base
+
+        core-1  base: 7 to change (/etc/ssh/sshd_config.d/50-membria.conf, /etc/nftables.conf, ...)
+        core-1  total: 7 to change, 41 ok, 0 failed, 0 unreachable
+    """
+    from appliance.core.runner import run_playbook
+    from appliance.core.summary import plan_summary, render_plan
+    from appliance.core.view import RunView, print_problems
+
+    roles = _tags(tags)
+    prepared = _prepare(site_file, state_dir, limit, mint_secrets=False)
+
+    def run(on_event: EventHandler | None) -> RunResult:
+        return run_playbook(
+            prepared.site,
+            check=True,
+            diff=True,
+            limit=limit,
+            tags=roles,
+            on_event=on_event,
+            private_data_dir=prepared.private_data_dir,
+            envvars=prepared.envvars,
+            inventory=prepared.inventory,
+        )
+
+    if as_json:
+        result = run(None)
+        summary = plan_summary(result, site=prepared.site.site.name)
+        summary["serving_plans"] = {node: prepared.plans[node] for node in prepared.nodes}
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        _show_plans(prepared)
+        with RunView(prepared.nodes, console, f"core plan — site {prepared.site.site.name}") as view:
+            result = run(view)
+        render_plan(result, console)
+        print_problems(result, console)
+        console.print(f"event log: {result.events_path}")
+    _verdict(result, "plan")
+    if not as_json:
+        pending = len(result.changes) or sum(r.changed for r in result.recap.values())
+        print_ok(f"plan complete: {pending} change(s) pending" if pending else "plan complete: nothing to change")
+
+
+@app.command()
+def apply(
+    site_file: Path = SiteOption,
+    state_dir: Path | None = StateDirOption,
+    limit: str | None = LimitOption,
+    tags: list[str] | None = TagsOption,
+    events: Path | None = typer.Option(
+        None, "--events", help="Also copy the run's JSON event log (one event a line) to this file."
+    ),
+) -> None:
+    """Provision the core nodes: every role, with a live view per host, then the recap.
+
+    Each node's Vault identity is made sure of first: an AppRole and a fresh, short-lived secret id, which
+    reaches the play only through its environment. While the play runs, the current task and counts per
+    host are shown; then the recap per host and the path of the JSON event log. Exit 1 when any host
+    failed or was unreachable.
+
+    Examples:
+
+        appliance core apply --site examples/rack.yaml
+
+        appliance core apply --site examples/rack.yaml --limit core-2 --tags monitoring
+    """
+    from appliance.core.runner import run_playbook
+    from appliance.core.view import RunView, print_problems, recap_table
+
+    roles = _tags(tags)
+    prepared = _prepare(site_file, state_dir, limit, mint_secrets=True)
+    _show_plans(prepared)
+    with RunView(prepared.nodes, console, f"core apply — site {prepared.site.site.name}") as view:
+        result = run_playbook(
+            prepared.site,
+            check=False,
+            diff=False,
+            limit=limit,
+            tags=roles,
+            on_event=view,
+            private_data_dir=prepared.private_data_dir,
+            envvars=prepared.envvars,
+            inventory=prepared.inventory,
+        )
+    console.print(recap_table(result, f"recap ({result.elapsed_s:.0f} s)"))
+    print_problems(result, console)
+    if events is not None:
+        events.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.events_path, events)
+        err_console.print(f"event log copied to {events}")
+    console.print(f"event log: {result.events_path}")
+    _verdict(result, "apply")
+    print_ok(f"applied to {', '.join(sorted(result.recap))}")
