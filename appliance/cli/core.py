@@ -53,6 +53,15 @@ LimitOption = typer.Option(
     "-l",
     help="Only these core nodes: names separated by commas (core-1,core-2), or any Ansible host pattern.",
 )
+VarsOption = typer.Option(
+    None,
+    "--vars",
+    help=(
+        "A YAML file of role variables: `all:` for every node and/or a node's name for one, e.g. "
+        "{all: {base_ntp_servers: [ntp.plant.example]}, core-2: {base_ssh_allowed_cidrs: [10.20.0.0/16]}}. "
+        "No secrets here: those come from Vault."
+    ),
+)
 TagsOption = typer.Option(
     None,
     "--tags",
@@ -127,13 +136,36 @@ def _existing_role_ids(backends: Backends, nodes: list[str]) -> dict[str, str | 
     return out
 
 
-def _prepare(site_file: Path, state_dir: Path | None, limit: str | None, *, mint_secrets: bool) -> Prepared:
+def _read_vars(path: Path | None, site: Site) -> dict[str, dict[str, Any]]:
+    """--vars FILE as per-node variables; a bad file exits 2 naming it."""
+    if path is None:
+        return {}
+    from pydantic import RootModel
+
+    from runtime.common.yamldoc import load_model
+
+    # yamldoc names the file, the YAML path and the line of a bad entry (exit 2).
+    data = load_model(path, RootModel[dict[str, dict[str, Any]] | None]).root
+    names = {n.name for n in site.core_nodes}
+    if data is None:
+        return {}
+    unknown = sorted(set(data) - names - {"all"})
+    if unknown:
+        raise BadInput(f"{path}: unknown core node(s) {', '.join(unknown)}; the site has {', '.join(sorted(names))}")
+    shared = data.get("all", {})
+    return {name: {**shared, **data.get(name, {})} for name in names}
+
+
+def _prepare(
+    site_file: Path, state_dir: Path | None, limit: str | None, *, mint_secrets: bool, vars_file: Path | None = None
+) -> Prepared:
     from appliance.core.inventory import build_inventory, core_state_dir, llm_plan, secret_id_env, write_inventory
 
     site = load(site_file)
     # The serving plan first: a model that cannot fit is refused (with its arithmetic) before anything else.
     plans = {node.name: llm_plan(site, node) for node in site.core_nodes}
     nodes = _limited(site, limit)
+    extra = _read_vars(vars_file, site)  # bad input is refused before Vault is asked anything
     state = core_state_dir(site, state_dir)
     backends = _backends(site, state)
     envvars: dict[str, str] = {}
@@ -147,7 +179,8 @@ def _prepare(site_file: Path, state_dir: Path | None, limit: str | None, *, mint
                 role_ids[node], envvars[secret_id_env(node)] = node_credentials(site, node, backends)
     else:
         role_ids = _existing_role_ids(backends, nodes)
-    extra = {node: {"membria_vault_role_id": role_id} for node, role_id in role_ids.items()}
+    for node, role_id in role_ids.items():
+        extra.setdefault(node, {})["membria_vault_role_id"] = role_id
     inventory = build_inventory(site, extra_hostvars=extra, state_dir=state, site_file=site_file)
     return Prepared(site, state, write_inventory(inventory, state), envvars, nodes, plans)
 
@@ -179,6 +212,7 @@ def plan(
     state_dir: Path | None = StateDirOption,
     limit: str | None = LimitOption,
     tags: list[str] | None = TagsOption,
+    vars_file: Path | None = VarsOption,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (no live view)."),
 ) -> None:
     """What `apply` would change, per host and role (a check + diff run).
@@ -196,7 +230,7 @@ def plan(
     from appliance.core.view import RunView, print_problems
 
     roles = _tags(tags)
-    prepared = _prepare(site_file, state_dir, limit, mint_secrets=False)
+    prepared = _prepare(site_file, state_dir, limit, mint_secrets=False, vars_file=vars_file)
 
     def run(on_event: EventHandler | None) -> RunResult:
         return run_playbook(
@@ -235,6 +269,7 @@ def apply(
     state_dir: Path | None = StateDirOption,
     limit: str | None = LimitOption,
     tags: list[str] | None = TagsOption,
+    vars_file: Path | None = VarsOption,
     events: Path | None = typer.Option(
         None, "--events", help="Also copy the run's JSON event log (one event a line) to this file."
     ),
@@ -256,7 +291,7 @@ def apply(
     from appliance.core.view import RunView, print_problems, recap_table
 
     roles = _tags(tags)
-    prepared = _prepare(site_file, state_dir, limit, mint_secrets=True)
+    prepared = _prepare(site_file, state_dir, limit, mint_secrets=True, vars_file=vars_file)
     _show_plans(prepared)
     with RunView(prepared.nodes, console, f"core apply — site {prepared.site.site.name}") as view:
         result = run_playbook(
