@@ -1,0 +1,222 @@
+"""Every role on a fresh core test host, through the CLI an IT admin runs: `core plan`, `core apply`, the
+services checked with pytest-testinfra, and a second `core apply` that reports exactly changed=0.
+
+The admin machine plays the site's infrastructure: the lab's OpenBao (PKI, AppRoles, secrets; exposed on
+the test bridge by a TCP relay) and S3 server. The node runs the appliance's runtime from this checkout,
+bound read-only at the same path (a rack node gets it from the bundle).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+from appliance.core.runner import read_events, summarize
+from appliance.hosts.nspawn import Bind, TestHost, free_network, unique_name
+from appliance.hosts.relay import TcpRelay
+from appliance.lab import bootstrap
+from appliance.lab.services import OpenBao
+from appliance.lab.state import LabState
+from appliance.site import Site
+from tests.integration.vault_support import bootstrapped_vault
+
+pytestmark = pytest.mark.hosts
+
+REPO = Path(__file__).resolve().parents[2]
+APPLIANCE = [sys.executable, "-m", "appliance"]
+
+
+@dataclass
+class Provisioned:
+    host: TestHost
+    site: Site
+    site_file: Path
+    state: LabState
+    runs: dict[str, subprocess.CompletedProcess[str]]
+    events: dict[str, Path]
+
+    def recap(self, run: str) -> dict[str, Any]:
+        summary = summarize(read_events(self.events[run]))
+        return {host: vars(recap) for host, recap in summary.recap.items()}
+
+    @property
+    def ports(self) -> Any:
+        return self.site.lab.ports
+
+    def client_context(self, *, with_cert: bool = True) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(bootstrap.ca_chain_path(self.state)))
+        context.check_hostname = False  # the node is reached by its bridge address; the chain is what counts
+        if with_cert:
+            cert, key = bootstrap.cert_paths(self.state, "lab-admin")
+            context.load_cert_chain(cert, key)
+        return context
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*APPLIANCE, *args], capture_output=True, text=True, timeout=1500, env={**os.environ, **(env or {})}
+    )
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
+    root = tmp_path_factory.mktemp("core-apply")
+    network = free_network()
+    host = TestHost(unique_name("core"), network.address(11), network, binds=[Bind(REPO, REPO)])
+
+    def on_the_bridge(data: dict[str, Any]) -> None:
+        node = data["core_nodes"][0]
+        node["address"] = host.address  # the certificates carry the node's real address
+        node["ssh"] = {"user": "root", "key": str(host.key_path)}
+        data["lab"]["dr_shipper"] = False
+
+    try:
+        with bootstrapped_vault(root / "lab", on_the_bridge) as backends:
+            assert backends.state is not None
+            bao = OpenBao(backends.site, backends.state)
+            with TcpRelay((backends.site.lab.host, bao.port), listen_host=network.gateway) as relay:
+                host.create()
+                host.start()
+                variables = {
+                    "all": {
+                        # the test host's pinned host key instead of trust-on-first-use
+                        "ansible_ssh_common_args": host.ansible_vars()["ansible_ssh_common_args"],
+                        "base_apt_update_cache": False,  # no route to a mirror: the image carries the packages
+                        "membria_vault_addr": f"https://{network.gateway}:{relay.port}",
+                        "vault_agent_tls_server_name": "localhost",  # the relay's address is not in the cert
+                        "membria_runtime_python": str(REPO / ".venv" / "bin" / "python"),
+                    }
+                }
+                vars_file = root / "vars.yaml"
+                with vars_file.open("w") as fh:
+                    YAML().dump(variables, fh)
+                site_file = root / "lab" / "site.yaml"
+                common = ["--site", str(site_file), "--vars", str(vars_file)]
+                runs: dict[str, subprocess.CompletedProcess[str]] = {}
+                events: dict[str, Path] = {}
+                runs["plan"] = _cli("core", "plan", *common, "--json")
+                for name in ("apply", "reapply"):
+                    events[name] = root / f"{name}-events.jsonl"
+                    runs[name] = _cli("core", "apply", *common, "--events", str(events[name]))
+                yield Provisioned(host, backends.site, site_file, backends.state, runs, events)
+    finally:
+        host.destroy()
+        network.down()
+
+
+def _ok(run: subprocess.CompletedProcess[str]) -> None:
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+
+
+def test_plan_on_a_fresh_host_completes(provisioned: Provisioned) -> None:
+    _ok(provisioned.runs["plan"])
+    assert '"changes"' in provisioned.runs["plan"].stdout
+
+
+def test_apply_succeeds(provisioned: Provisioned) -> None:
+    _ok(provisioned.runs["apply"])
+    recap = provisioned.recap("apply")[provisioned.site.core_nodes[0].name]
+    assert recap["changed"] > 0 and recap["failed"] == 0 and recap["unreachable"] == 0
+
+
+def test_second_apply_changes_nothing(provisioned: Provisioned) -> None:
+    _ok(provisioned.runs["reapply"])
+    recap = provisioned.recap("reapply")[provisioned.site.core_nodes[0].name]
+    assert recap["changed"] == 0, provisioned.runs["reapply"].stdout[-6000:]
+    assert recap["failed"] == 0 and recap["unreachable"] == 0
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "ssh",
+        "nftables",
+        "membria-vault-agent",
+        "membria-llm",
+        "membria-core",
+        "membria-gateway",
+        "prometheus-node-exporter",
+        "membria-dr-ship.timer",
+        "membria-dr-backup.timer",
+    ],
+)
+def test_services_run(provisioned: Provisioned, unit: str) -> None:
+    _ok(provisioned.runs["apply"])
+    service = provisioned.host.testinfra_host().service(unit)
+    assert service.is_running, provisioned.host.ssh(f"systemctl status {unit} --no-pager", check=False).stdout
+    assert service.is_enabled
+
+
+def test_services_listen(provisioned: Provisioned) -> None:
+    remote = provisioned.host.testinfra_host()
+    ports = provisioned.ports
+    for port in (ports.gateway, ports.core, 9100):
+        assert remote.socket(f"tcp://0.0.0.0:{port}").is_listening, port
+    # llama.cpp cannot check client certificates: it is reached by the core server on loopback only.
+    assert remote.socket(f"tcp://127.0.0.1:{ports.llm}").is_listening
+    assert not remote.socket(f"tcp://0.0.0.0:{ports.llm}").is_listening
+
+
+@pytest.mark.parametrize("service", ["gateway", "core", "node_exporter"])
+def test_tls13_with_client_certificates(provisioned: Provisioned, service: str) -> None:
+    port = {"gateway": provisioned.ports.gateway, "core": provisioned.ports.core, "node_exporter": 9100}[service]
+    address = provisioned.host.address
+    with socket.create_connection((address, port), timeout=10) as raw:
+        with provisioned.client_context().wrap_socket(raw) as tls:
+            assert tls.version() == "TLSv1.3"
+    old = provisioned.client_context()
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError), socket.create_connection((address, port), timeout=10) as raw:
+        old.wrap_socket(raw).do_handshake()
+    anonymous = provisioned.client_context(with_cert=False)
+    if service == "gateway":
+        # The gateway also admits service accounts with bearer tokens (no certificate): without either, the
+        # API answers 401.
+        import httpx
+
+        with httpx.Client(verify=anonymous, timeout=30) as client:
+            assert client.get(f"https://{address}:{port}/v1/models").status_code == 401
+        return
+    # No client certificate: the handshake (TLS 1.3 checks it after the first read) or the first request fails.
+    with pytest.raises((ssl.SSLError, ConnectionError)), socket.create_connection((address, port), timeout=10) as raw:
+        with anonymous.wrap_socket(raw) as tls:
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            if not tls.recv(1):
+                raise ConnectionError("closed without an answer")
+
+
+def test_gateway_is_ready_end_to_end(provisioned: Provisioned) -> None:
+    """Ready = the gateway, the core server and the LLM on the node answer each other over TLS."""
+    import httpx
+
+    url = f"https://{provisioned.host.address}:{provisioned.ports.gateway}/readyz"
+    with httpx.Client(verify=provisioned.client_context(), timeout=30) as client:
+        response = client.get(url)
+    assert response.status_code == 200, response.text
+
+
+def test_firewall_drops_what_the_appliance_does_not_serve(provisioned: Provisioned) -> None:
+    host = provisioned.host
+    host.ssh("systemd-run --unit=probe-listener python3 -m http.server 7777 --bind 0.0.0.0")
+    try:
+        remote = host.testinfra_host()
+        for _ in range(50):  # systemd-run returns before the listener binds
+            if remote.socket("tcp://0.0.0.0:7777").is_listening:
+                break
+            time.sleep(0.2)
+        assert remote.socket("tcp://0.0.0.0:7777").is_listening
+        with pytest.raises(OSError):
+            socket.create_connection((host.address, 7777), timeout=3).close()
+    finally:
+        host.ssh("systemctl stop probe-listener", check=False)
