@@ -186,7 +186,7 @@ def test_tls13_with_client_certificates(provisioned: Provisioned, service: str) 
         import httpx
 
         with httpx.Client(verify=anonymous, timeout=30) as client:
-            assert client.get(f"https://{address}:{port}/v1/models").status_code == 401
+            assert client.get(f"https://{address}:{port}/v1/knowledge/documents").status_code == 401
         return
     # No client certificate: the handshake (TLS 1.3 checks it after the first read) or the first request fails.
     with pytest.raises((ssl.SSLError, ConnectionError)), socket.create_connection((address, port), timeout=10) as raw:
@@ -201,9 +201,34 @@ def test_gateway_is_ready_end_to_end(provisioned: Provisioned) -> None:
     import httpx
 
     url = f"https://{provisioned.host.address}:{provisioned.ports.gateway}/readyz"
+    # The core server loads its embedding model on the first readiness check (a few seconds on 2 cores,
+    # longer than the gateway's 5 s probe): poll as `lab up` does.
+    deadline = time.monotonic() + 180
     with httpx.Client(verify=provisioned.client_context(), timeout=30) as client:
-        response = client.get(url)
-    assert response.status_code == 200, response.text
+        while True:
+            response = client.get(url)
+            if response.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+    assert response.status_code == 200, f"{response.text}\n{_diagnose(provisioned)}"
+
+
+CORE_READYZ = (
+    "import json, ssl, urllib.request; c = ssl.create_default_context(cafile='/etc/membria/tls/ca.pem'); "
+    "c.check_hostname = False; c.load_cert_chain('/etc/membria/tls/gateway.pem', '/etc/membria/tls/gateway-key.pem')\n"
+    "try: print(urllib.request.urlopen('https://127.0.0.1:{port}/readyz', context=c, timeout=30).read().decode())\n"
+    "except Exception as e: print('core /readyz:', e, getattr(e, 'read', lambda: b'')().decode())"
+)
+
+
+def _diagnose(provisioned: Provisioned) -> str:
+    """What a failed readiness check needs: the core's own answer and the runtime units' journals."""
+    host = provisioned.host
+    script = CORE_READYZ.replace("{port}", str(provisioned.ports.core))
+    out = [host.ssh(f'python3 -c "{script}"', check=False).stdout]
+    for unit in ("membria-core", "membria-llm", "membria-gateway"):
+        out.append(host.ssh(f"journalctl -u {unit} -n 25 --no-pager", check=False).stdout)
+    return "\n".join(out)
 
 
 def test_firewall_drops_what_the_appliance_does_not_serve(provisioned: Provisioned) -> None:
