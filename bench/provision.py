@@ -2,11 +2,12 @@
 (`appliance/hosts/nspawn.py`), each against a baseline measured in the same run on the same hosts.
 
 For each host count in `--hosts` (default 1 and 3; three hosts run in parallel, one fork each):
-- fresh apply: `run_playbook` of `--playbook` (default roles/playbooks/core.yml) limited to `--tags`
-  (default `base`: the roles that need no Vault; the other roles need the lab's OpenBao and its
-  credentials) on just-booted hosts, through the real inventory (`build_inventory` of a site whose core
-  nodes are the test hosts, with the hosts' own connection variables and `base_apt_update_cache: false`:
-  a test host has no route to a mirror, its rootfs carries the packages);
+- fresh apply: `run_playbook` of `--playbook` (default roles/playbooks/core.yml, every role unless
+  `--tags`) on just-booted hosts, as `core apply` runs it: the real inventory (`build_inventory` of a lab
+  site whose core nodes are the test hosts, with the hosts' own connection variables and
+  `base_apt_update_cache: false`: a test host has no route to a mirror, its rootfs carries the packages),
+  the lab's OpenBao and S3 server bootstrapped as `lab up` does and relayed onto the hosts' bridge, an
+  AppRole and a fresh secret id per node; the runtime comes from this checkout, bound read-only;
 - no-op re-apply: the same run again; it must report changed=0 (printed, and recorded);
 - tasks/s: task results over all hosts (ok + failed + skipped + unreachable) / wall time of the run.
 Baselines, same hosts, same runner, right after:
@@ -31,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,37 +43,31 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from appliance.core.inventory import build_inventory, write_inventory  # noqa: E402
+from appliance.core.inventory import build_inventory, secret_id_env, write_inventory  # noqa: E402
 from appliance.core.runner import RunResult, core_playbook, run_playbook  # noqa: E402
-from appliance.hosts.nspawn import TestHost, ensure_rootfs, free_network, require_tools  # noqa: E402
-from appliance.site import Site  # noqa: E402
-from tests.conftest import example_data  # noqa: E402
+from appliance.core.vault_access import node_credentials  # noqa: E402
+from appliance.hosts.nspawn import Bind, TestHost, ensure_rootfs, free_network, require_tools  # noqa: E402
+from appliance.hosts.relay import TcpRelay  # noqa: E402
+from appliance.lab.services import OpenBao  # noqa: E402
+from tests.integration.vault_support import bootstrapped_vault  # noqa: E402
 
 console = Console()
 if not console.is_terminal:  # a log file: wide enough for the tables
     console = Console(width=160)
 
 
-def bench_site(hosts: list[TestHost], work: Path) -> Site:
-    """examples/lab.yaml with the test hosts as its core nodes. Vault is named external (and never reached):
-    the roles benchmarked need none, and the inventory then needs no running OpenBao for its CA."""
-    data = example_data("lab.yaml")
-    node = data["core_nodes"][0]
-    data["core_nodes"] = [
-        {**node, "name": h.name, "address": h.address, "ssh": {"user": h.user, "key": str(h.key_path)}} for h in hosts
-    ]
-    data["services"]["vault"] = {
-        "backend": "external",
-        "url": "https://vault.invalid:8200",
-        "auth": {"method": "token", "token_env": "MEMBRIA_BENCH_UNUSED_TOKEN"},
-    }
-    data["licensing"] = {"license_file": str(work / "license.json")}
-    data["rbac"] = {"policy_file": str(REPO / "examples" / "rbac.yaml")}
-    data["lab"]["state_dir"] = str(work / "state")
-    routing = data["edge_profiles"][0].get("routing")
-    if routing:
-        routing["taxonomy_file"] = str(REPO / "examples" / "taxonomy.yaml")
-    return Site.model_validate(data)
+def with_hosts(hosts: list[TestHost]) -> Callable[[dict[str, Any]], None]:
+    """Edit a lab site's data so that its core nodes are the test hosts."""
+
+    def edit(data: dict[str, Any]) -> None:
+        node = data["core_nodes"][0]
+        data["core_nodes"] = [
+            {**node, "name": h.name, "address": h.address, "ssh": {"user": h.user, "key": str(h.key_path)}}
+            for h in hosts
+        ]
+        data["lab"]["dr_shipper"] = False
+
+    return edit
 
 
 def ping_playbook(path: Path, tasks: int) -> Path:
@@ -107,53 +103,73 @@ def figures(result: RunResult) -> dict[str, Any]:
 
 def bench_hosts(count: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     network = free_network("mbb")
-    hosts = [TestHost(f"bench-{i + 1}", network.address(11 + i), network) for i in range(count)]
+    hosts = [
+        TestHost(f"bench-{i + 1}", network.address(11 + i), network, binds=[Bind(REPO, REPO)]) for i in range(count)
+    ]
     out: dict[str, Any] = {"hosts": count}
     try:
-        started = time.monotonic()
-        for host in hosts:
-            host.create(progress=console.print)
-        for host in hosts:
-            host.start(progress=console.print)
-        out["boot_s"] = round(time.monotonic() - started, 1)
-        site = bench_site(hosts, work)
-        extra = {h.name: {**h.ansible_vars(), "base_apt_update_cache": False} for h in hosts}
-        state = work / f"state-{count}"
-        inventory = write_inventory(build_inventory(site, extra_hostvars=extra, state_dir=state), state)
+        with bootstrapped_vault(work / f"lab-{count}", with_hosts(hosts)) as backends:
+            assert backends.state is not None
+            site = backends.site
+            bao = OpenBao(site, backends.state)
+            with TcpRelay((site.lab.host, bao.port), listen_host=network.gateway) as relay:
+                started = time.monotonic()
+                for host in hosts:
+                    host.create(progress=console.print)
+                for host in hosts:
+                    host.start(progress=console.print)
+                out["boot_s"] = round(time.monotonic() - started, 1)
+                extra: dict[str, dict[str, Any]] = {}
+                envvars: dict[str, str] = {}
+                for h in hosts:
+                    role_id, envvars[secret_id_env(h.name)] = node_credentials(site, h.name, backends)
+                    extra[h.name] = {
+                        **h.ansible_vars(),
+                        "base_apt_update_cache": False,
+                        "membria_vault_role_id": role_id,
+                        "membria_vault_addr": f"https://{network.gateway}:{relay.port}",
+                        "vault_agent_tls_server_name": "localhost",
+                        "membria_runtime_python": str(REPO / ".venv" / "bin" / "python"),
+                    }
+                state = Path(site.lab.state_dir)
+                site_file = work / f"lab-{count}" / "site.yaml"
+                inventory = write_inventory(
+                    build_inventory(site, extra_hostvars=extra, state_dir=state, site_file=site_file), state
+                )
 
-        def run(name: str, playbook: Path, tags: list[str] | None) -> dict[str, Any]:
-            console.print(f"{count} host(s): {name} ...")
-            result = run_playbook(
-                site,
-                check=False,
-                diff=False,
-                limit=None,
-                tags=tags,
-                on_event=None,
-                private_data_dir=state / "runner",
-                envvars={},
-                inventory=inventory,
-                playbook=playbook,
-                forks=max(5, count),
-            )
-            fig = figures(result)
-            console.print(
-                f"  {fig['seconds']:.1f} s, {fig['tasks']} task results, changed {fig['changed']}, rc {fig['rc']}"
-                + (f" [red]{fig['first_failure']}[/]" if fig["first_failure"] else "")
-            )
-            return fig
+                def run(name: str, playbook: Path, tags: list[str] | None) -> dict[str, Any]:
+                    console.print(f"{count} host(s): {name} ...")
+                    result = run_playbook(
+                        site,
+                        check=False,
+                        diff=False,
+                        limit=None,
+                        tags=tags,
+                        on_event=None,
+                        private_data_dir=state / "core" / "runner",
+                        envvars=envvars,
+                        inventory=inventory,
+                        playbook=playbook,
+                        forks=max(5, count),
+                    )
+                    fig = figures(result)
+                    console.print(
+                        f"  {fig['seconds']:.1f} s, {fig['tasks']} task results, changed {fig['changed']}, "
+                        f"rc {fig['rc']}" + (f" [red]{fig['first_failure']}[/]" if fig["first_failure"] else "")
+                    )
+                    return fig
 
-        out["fresh_apply"] = run("fresh apply", args.playbook, args.tags)
-        out["noop_reapply"] = run("no-op re-apply", args.playbook, args.tags)
-        out["baseline_ping"] = run("baseline: ping round", ping_playbook(work / "ping.json", 1), None)
-        per_host_ok = max((r["ok"] for r in out["noop_reapply"]["recap"].values()), default=1) or 1
-        out["baseline_noop"] = run(
-            f"baseline: {per_host_ok} ping tasks", ping_playbook(work / "noop.json", per_host_ok), None
-        )
-        out["baseline_noop"]["tasks_per_host"] = per_host_ok
-        reapply, noop = out["noop_reapply"]["seconds"], out["baseline_noop"]["seconds"]
-        out["reapply_over_noop_tasks"] = round(reapply / noop, 2) if noop else None
-        out["fresh_over_reapply"] = round(out["fresh_apply"]["seconds"] / reapply, 2) if reapply else None
+                out["fresh_apply"] = run("fresh apply", args.playbook, args.tags)
+                out["noop_reapply"] = run("no-op re-apply", args.playbook, args.tags)
+                out["baseline_ping"] = run("baseline: ping round", ping_playbook(work / "ping.json", 1), None)
+                per_host_ok = max((r["ok"] for r in out["noop_reapply"]["recap"].values()), default=1) or 1
+                out["baseline_noop"] = run(
+                    f"baseline: {per_host_ok} ping tasks", ping_playbook(work / "noop.json", per_host_ok), None
+                )
+                out["baseline_noop"]["tasks_per_host"] = per_host_ok
+                reapply, noop = out["noop_reapply"]["seconds"], out["baseline_noop"]["seconds"]
+                out["reapply_over_noop_tasks"] = round(reapply / noop, 2) if noop else None
+                out["fresh_over_reapply"] = round(out["fresh_apply"]["seconds"] / reapply, 2) if reapply else None
     finally:
         for host in hosts:
             host.destroy()
@@ -192,7 +208,7 @@ def _print(results: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", default="1,3", help="host counts to run, comma-separated")
-    parser.add_argument("--tags", default="base", help="roles to run (comma-separated); 'all' for every role")
+    parser.add_argument("--tags", default="all", help="roles to run (comma-separated); 'all' for every role")
     parser.add_argument("--playbook", type=Path, default=None, help="default: roles/playbooks/core.yml")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "provision.json")
     args = parser.parse_args()
