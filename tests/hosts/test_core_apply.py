@@ -31,7 +31,7 @@ from appliance.lab.state import LabState
 from appliance.site import Site
 from tests.integration.vault_support import bootstrapped_vault
 
-pytestmark = pytest.mark.hosts
+pytestmark = [pytest.mark.hosts, pytest.mark.timeout(1800)]  # the module fixture provisions a node (~5 min)
 
 REPO = Path(__file__).resolve().parents[2]
 APPLIANCE = [sys.executable, "-m", "appliance"]
