@@ -130,6 +130,7 @@ def bench_hosts(count: int, args: argparse.Namespace, work: Path) -> dict[str, A
                         "membria_vault_addr": f"https://{network.gateway}:{relay.port}",
                         "vault_agent_tls_server_name": "localhost",
                         "membria_runtime_python": str(REPO / ".venv" / "bin" / "python"),
+                        "membria_runtime_root": str(REPO),
                     }
                 state = Path(site.lab.state_dir)
                 site_file = work / f"lab-{count}" / "site.yaml"

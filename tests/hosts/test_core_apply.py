@@ -96,6 +96,7 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisione
                         "membria_vault_addr": f"https://{network.gateway}:{relay.port}",
                         "vault_agent_tls_server_name": "localhost",  # the relay's address is not in the cert
                         "membria_runtime_python": str(REPO / ".venv" / "bin" / "python"),
+                        "membria_runtime_root": str(REPO),  # the venv and the sources it imports (editable)
                     }
                 }
                 vars_file = root / "vars.yaml"
