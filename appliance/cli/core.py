@@ -83,6 +83,24 @@ class Prepared:
     def private_data_dir(self) -> Path:
         return self.state / "core" / "runner"
 
+    def run(
+        self, *, check: bool, limit: str | None, tags: list[str] | None, on_event: EventHandler | None
+    ) -> RunResult:
+        """The play on this inventory: `check` is `core plan` (check + diff), else `core apply`."""
+        from appliance.core.runner import run_playbook
+
+        return run_playbook(
+            self.site,
+            check=check,
+            diff=check,
+            limit=limit,
+            tags=tags,
+            on_event=on_event,
+            private_data_dir=self.private_data_dir,
+            envvars=self.envvars,
+            inventory=self.inventory,
+        )
+
 
 def _tags(tags: list[str] | None) -> list[str] | None:
     from appliance.core.runner import roles_dir
@@ -225,7 +243,6 @@ def plan(
         core-1  base: 7 to change (/etc/ssh/sshd_config.d/50-membria.conf, /etc/nftables.conf, ...)
         core-1  total: 7 to change, 41 ok, 0 failed, 0 unreachable
     """
-    from appliance.core.runner import run_playbook
     from appliance.core.summary import plan_summary, render_plan
     from appliance.core.view import RunView, print_problems
 
@@ -233,17 +250,7 @@ def plan(
     prepared = _prepare(site_file, state_dir, limit, mint_secrets=False, vars_file=vars_file)
 
     def run(on_event: EventHandler | None) -> RunResult:
-        return run_playbook(
-            prepared.site,
-            check=True,
-            diff=True,
-            limit=limit,
-            tags=roles,
-            on_event=on_event,
-            private_data_dir=prepared.private_data_dir,
-            envvars=prepared.envvars,
-            inventory=prepared.inventory,
-        )
+        return prepared.run(check=True, limit=limit, tags=roles, on_event=on_event)
 
     if as_json:
         result = run(None)
@@ -287,24 +294,13 @@ def apply(
 
         appliance core apply --site examples/rack.yaml --limit core-2 --tags monitoring
     """
-    from appliance.core.runner import run_playbook
     from appliance.core.view import RunView, print_problems, recap_table
 
     roles = _tags(tags)
     prepared = _prepare(site_file, state_dir, limit, mint_secrets=True, vars_file=vars_file)
     _show_plans(prepared)
     with RunView(prepared.nodes, console, f"core apply — site {prepared.site.site.name}") as view:
-        result = run_playbook(
-            prepared.site,
-            check=False,
-            diff=False,
-            limit=limit,
-            tags=roles,
-            on_event=view,
-            private_data_dir=prepared.private_data_dir,
-            envvars=prepared.envvars,
-            inventory=prepared.inventory,
-        )
+        result = prepared.run(check=False, limit=limit, tags=roles, on_event=view)
     console.print(recap_table(result, f"recap ({result.elapsed_s:.0f} s)"))
     print_problems(result, console)
     if events is not None:

@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from botocore.config import Config
 from appliance.backends import S3Target
 from appliance.dr.crypto import DataKey
 from appliance.dr.objects import DrBucket
+from appliance.hosts.relay import TcpRelay
 from appliance.lab.bootstrap import ensure_locked_bucket
 from appliance.site import Dr
 from tests.conftest import free_port
@@ -129,63 +129,14 @@ def dr_bucket(
     )
 
 
-class Outage:
-    """A TCP forwarder in front of an endpoint that can be cut and restored: clients see connection
-    refused while it is cut, as when the S3 endpoint or the network to it is down, while the server
-    behind (moto keeps its data in memory) keeps everything it already has."""
+class Outage(TcpRelay):
+    """A relay in front of an endpoint that can be cut and restored: clients see connection refused while
+    it is cut (`down()`), as when the S3 endpoint or the network to it is down, while the server behind
+    (moto keeps its data in memory) keeps everything it already has; `up()` listens on the same port again."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = free_port()
-        self._server: socket.socket | None = None
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self.up()
+        super().__init__(("127.0.0.1", upstream_port))
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def up(self) -> None:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(64)
-        self._server = server
-        thread = threading.Thread(target=self._accept, args=(server,), daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def down(self) -> None:
-        if self._server is not None:
-            with contextlib.suppress(OSError):
-                self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the thread
-            self._server.close()
-            self._server = None
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-        self._conns.clear()
-
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+        return f"http://{self.host}:{self.port}"
