@@ -169,6 +169,14 @@ class ExternalVault(Strict):
     url: HttpUrl
     auth: Annotated[VaultAppRole | VaultToken, Field(discriminator="method")]
     ca_file: Pathname | None = None
+    tls_server_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "the name to check Vault's certificate against when the URL's host is not in it (Vault reached "
+            "through a relay or by an address its certificate does not carry)"
+        ),
+    )
     pki_mount: str = "pki"
     pki_int_mount: str = "pki_int"
     kv_mount: str = "secret"
@@ -399,7 +407,22 @@ class Lab(Strict):
     edge_profile: Name | None = Field(
         default=None, description="the edge profile of the lab's one edge agent (default: the first profile)"
     )
-    dr_shipper: bool = Field(default=True, description="run `appliance dr ship` as a lab process (DR to the lab's S3)")
+    dr_shipper: bool = Field(
+        default=True,
+        description=(
+            "DR shipping to the lab's S3: the core node's `dr_agent` timer (core: host) or "
+            "`appliance dr ship` as a lab process (core: processes)"
+        ),
+    )
+    core: Literal["host", "processes"] = Field(
+        default="host",
+        description=(
+            "host: the first core node becomes a systemd-nspawn test host on a private bridge, provisioned "
+            "by `appliance core apply` with the roles, as a rack node is (needs root and systemd-nspawn); "
+            "processes: the core server, gateway and llama.cpp run as local processes (quick; the "
+            "integration tests use it)"
+        ),
+    )
 
 
 # --- the site --------------------------------------------------------------------------------------

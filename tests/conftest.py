@@ -61,6 +61,9 @@ def lab_site_data(state_dir: Path) -> dict[str, Any]:
         "ports": _lab_ports(),
         "corpus_dir": str(EXAMPLES / "corpus"),
         "edge_profile": data["lab"]["edge_profile"],
+        # The runtime as local processes: quick, and the integration tests read its stores directly. The
+        # core node on a test host (`core: host`) is tested in tests/hosts/test_lab_core_host.py.
+        "core": "processes",
     }
     for profile in data["edge_profiles"]:
         if "routing" in profile:

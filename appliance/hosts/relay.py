@@ -14,7 +14,9 @@ as when the network to the service is gone); `up()` listens again on the same po
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import signal
 import socket
 import threading
 from types import TracebackType
@@ -104,3 +106,29 @@ class TcpRelay:
             self._conns.difference_update((client, upstream))
         client.close()
         upstream.close()
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m appliance.hosts.relay LISTEN UPSTREAM`: relay until SIGTERM (the lab runs one per service
+    that its core node must reach)."""
+    parser = argparse.ArgumentParser(prog="python -m appliance.hosts.relay", description=main.__doc__)
+    parser.add_argument("listen", type=_endpoint, help="HOST:PORT to listen on (the bridge's admin-side address)")
+    parser.add_argument("upstream", type=_endpoint, help="HOST:PORT of the service (on loopback)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with TcpRelay(args.upstream, listen_host=args.listen[0], listen_port=args.listen[1]) as relay:
+        print(f"relaying {relay.host}:{relay.port} -> {args.upstream[0]}:{args.upstream[1]}", flush=True)
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance.lab.services import EmbeddedService, Health
 from appliance.lab.state import LabState
@@ -58,24 +59,32 @@ class DrShipper(EmbeddedService):
         ]
 
     def check(self) -> Health:
-        from appliance.dr.stores import SHIPPED
-
         try:
             beats = json.loads(self.heartbeat_file.read_text())
         except (OSError, ValueError):
-            return Health(self.name, False, "no pass finished yet", self.endpoint)
-        stale = 3 * self.site.dr.ship_interval_seconds + 30
-        problems = []
-        for store in SHIPPED:
-            beat = beats.get(store) or {}
-            if beat.get("error"):
-                problems.append(f"{store}: {beat['error']}")
-            elif time.time() - float(beat.get("checked_at", 0)) > stale:
-                problems.append(f"{store}: no pass for over {stale} s")
-        if problems:
-            return Health(self.name, False, "; ".join(problems), self.endpoint)
-        return Health(self.name, True, "shipping " + ", ".join(SHIPPED), self.endpoint)
+            beats = None
+        return heartbeat_health(self.name, self.endpoint, beats, self.site.dr.ship_interval_seconds)
+
+
+def heartbeat_health(name: str, endpoint: str, beats: dict[str, Any] | None, interval_s: float) -> Health:
+    """Every shipped store had a pass without error within three intervals (the shipper's heartbeat file)."""
+    from appliance.dr.stores import SHIPPED
+
+    if not beats:
+        return Health(name, False, "no pass finished yet", endpoint)
+    stale = 3 * interval_s + 30
+    problems = []
+    for store in SHIPPED:
+        beat = beats.get(store) or {}
+        if beat.get("error"):
+            problems.append(f"{store}: {beat['error']}")
+        elif time.time() - float(beat.get("checked_at", 0)) > stale:
+            problems.append(f"{store}: no pass for over {stale:.0f} s")
+    if problems:
+        return Health(name, False, "; ".join(problems), endpoint)
+    return Health(name, True, "shipping " + ", ".join(SHIPPED), endpoint)
 
 
 def dr_services(site: Site, state: LabState) -> list[EmbeddedService]:
-    return [DrShipper(site, state)] if site.lab.dr_shipper else []
+    """The lab's shipper process; with `lab.core: host` the core node's `dr_agent` timer ships instead."""
+    return [DrShipper(site, state)] if site.lab.dr_shipper and site.lab.core == "processes" else []

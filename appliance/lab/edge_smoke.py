@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from appliance.errors import CheckFailed
-from appliance.lab import process
 from appliance.lab.edge_agent import EdgeAgentService
 from appliance.lab.smoke import SmokeStep
 from appliance.lab.state import LabState
@@ -57,13 +57,21 @@ def _why(answer: dict[str, Any]) -> str:
     return f"route {decision.get('route')}, confidence {decision.get('confidence', 0):.2f} ({reasons})"
 
 
+@dataclass(frozen=True)
+class GatewayOutage:
+    """How to take the gateway away and bring it back: a lab process, or a unit on the core node."""
+
+    stop: Callable[[], None]
+    start: Callable[[], None]
+
+
 def run(
     site: Site,
     state: LabState,
     progress: Callable[[str], None],
-    restart_gateway: Callable[[], None] | None,
+    outage: GatewayOutage | None,
 ) -> list[SmokeStep]:
-    """The steps above; without `restart_gateway` the offline period (3, 4) is skipped."""
+    """The steps above; without `outage` (how to stop and start the gateway) the offline period is skipped."""
     steps: list[SmokeStep] = []
     with _agent(site, state) as client:
         local = _ask(client, LOCAL_QUESTION, wait=60)
@@ -78,15 +86,15 @@ def run(
             )
         )
 
-        if restart_gateway is None:
+        if outage is None:
             return steps
         progress("edge: stopping the gateway for an offline period")
-        process.stop(state, "gateway")
+        outage.stop()
         try:
             offline = _ask(client, OFFLINE_QUESTION, wait=3)
         finally:
             progress("edge: starting the gateway again")
-            restart_gateway()
+            outage.start()
         escalation = offline.get("escalation") or {}
         queued = offline["source"] == "local" and escalation.get("status") not in (None, "delivered")
         steps.append(

@@ -4,6 +4,10 @@
 what is missing. If `up` fails half-way, whatever this call started is stopped again, so a failed `up`
 never leaves a half lab behind. `down` stops recorded processes and then any stray that carries the
 lab's environment marker (a CLI killed between spawn and pid file).
+
+With `lab.core: host` (the default) the core server, gateway and llama.cpp are not lab processes: core-1 is
+a systemd-nspawn test host that `appliance core apply` provisions with the roles (`core_node.py`), and the
+lab's OpenBao and S3 reach it through relays on the lab bridge. `lab.core: processes` runs them here.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from appliance.audit_log import open_audit_db
 from appliance.backends import Backends
 from appliance.errors import CheckFailed, MissingEnvironment, ServiceError
 from appliance.lab import bootstrap, edge_smoke, process, smoke
-from appliance.lab.dr_shipper import dr_services
+from appliance.lab.core_node import LabCoreNode, bridge_relays, is_host_lab
+from appliance.lab.dr_shipper import dr_services, heartbeat_health
 from appliance.lab.edge_agent import edge_services
 from appliance.lab.runtime_services import CoreServer, Gateway, runtime_services
 from appliance.lab.services import EmbeddedService, Health, OpenBao, process_services
@@ -23,6 +28,7 @@ from appliance.lab.state import LabState
 from appliance.site import Site
 
 Progress = Callable[[str], None]
+NODE_DR_TIMEOUT_S = 150.0  # the timer fires every 30 s; the first pass ships the corpus
 
 
 def _quiet(_: str) -> None:
@@ -76,6 +82,9 @@ def _start(service: EmbeddedService, progress: Progress) -> None:
 def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
     report = UpReport()
     started_now: list[EmbeddedService] = []
+    # `lab.core: host`: core-1 is a test host provisioned by `core apply`; else the runtime runs as processes.
+    node = LabCoreNode(site, state) if is_host_lab(site) else None  # a bad node address stops here (exit 2)
+    node_started = False
 
     def ensure(services: list[EmbeddedService]) -> None:
         for service in services:
@@ -95,13 +104,25 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
         progress("bootstrapping PKI, secrets and buckets")
         report.bootstrap = bootstrap.run(site, state)
         # The runtime needs what the bootstrap made (certificates, license, keys in Vault).
-        ensure(runtime_services(site, state))
+        if node is None:
+            ensure(runtime_services(site, state))
+        else:
+            ensure(bridge_relays(site, state))
+            # A fresh OpenBao knows nothing of the node's Vault identity: apply again (as after a rebuild).
+            fresh_vault = OpenBao.name in report.started
+            if not fresh_vault and node.health().ok and Gateway(site, state).check().ok:
+                report.already_running.append(node.label)
+            else:
+                node_started = True
+                node.up(progress)
+                report.started.append(node.label)
         report.health = status(site, state, edge=False)  # the edge agent starts after the corpus is in
         if all(h.ok for h in report.health):
             progress(f"loading {site.lab.corpus_dir} through the gateway")
             report.ingest = smoke.ingest_corpus(site, state, site.lab.corpus_dir)
             progress("smoke: an answer, a refusal and their audit rows")
-            report.smoke = smoke.run(site, state)
+            lookup = (lambda ids: node.audit_probe(ids)["decisions"]) if node is not None else None
+            report.smoke = smoke.run(site, state, audit_lookup=lookup)
             # The laptop comes last: it pulls the knowledge just loaded on its first sync.
             ensure(edge_services(site, state))
             if edge_services(site, state):
@@ -110,10 +131,7 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
                 # The offline period stops the gateway: only on an `up` that started something, never to a
                 # lab that is already up and in use.
                 report.smoke += edge_smoke.run(
-                    site,
-                    state,
-                    progress,
-                    restart_gateway=(lambda: _start(Gateway(site, state), progress)) if report.started else None,
+                    site, state, progress, _gateway_outage(site, state, node, progress) if report.started else None
                 )
                 report.health = status(site, state)  # the edge agent too, and the gateway after its restart
             # DR shipping last: its first pass ships what the smoke and the corpus wrote.
@@ -121,10 +139,16 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
                 progress("DR shipper: first pass to the S3 buckets")
                 ensure(dr_services(site, state))
                 report.health = status(site, state)
+            elif node is not None and site.lab.dr_shipper:
+                progress(f"DR: waiting for {node.label}'s shipping timer to finish a pass")
+                process.wait_until(lambda: _node_dr_health(site, node).ok, timeout=NODE_DR_TIMEOUT_S, interval=3)
+                report.health = status(site, state)
     except BaseException:
         # All or nothing: do not leave what this call started running behind a failed `up`.
         for service in reversed(started_now):
             process.stop(state, service.name)
+        if node is not None and node_started:
+            node.stop()  # its tree stays, with the apply's log under logs/
         raise
     failing = [h for h in report.health if not h.ok]
     if failing:
@@ -135,11 +159,32 @@ def up(site: Site, state: LabState, progress: Progress = _quiet) -> UpReport:
     return report
 
 
+def _gateway_outage(
+    site: Site, state: LabState, node: LabCoreNode | None, progress: Progress
+) -> edge_smoke.GatewayOutage:
+    if node is not None:
+        return edge_smoke.GatewayOutage(stop=node.stop_gateway, start=lambda: node.start_gateway(progress))
+    return edge_smoke.GatewayOutage(
+        stop=lambda: _stop(state, Gateway.name), start=lambda: _start(Gateway(site, state), progress)
+    )
+
+
+def _stop(state: LabState, name: str) -> None:
+    process.stop(state, name)
+
+
+def _node_dr_health(site: Site, node: LabCoreNode) -> Health:
+    endpoint = f"{node.label}: membria-dr-ship.timer, every {site.dr.ship_interval_seconds} s"
+    return heartbeat_health("dr-shipping", endpoint, node.dr_heartbeat(), site.dr.ship_interval_seconds)
+
+
 def _in_process_health(site: Site, state: LabState) -> list[Health]:
     """Milvus Lite and chDB live inside their users' processes; check them with a real query."""
     backends = Backends(site, state)
     out: list[Health] = []
     core = CoreServer(site, state)
+    if is_host_lab(site):
+        return _node_store_health(site, state)
     if site.services.vectors.backend == "embedded" and process.running(state, core.name) is not None:
         # Milvus Lite admits one process per file: while the core server holds it, ask the core server.
         out.append(core.milvus_health(str(backends.milvus_lite_path())))
@@ -157,6 +202,25 @@ def _in_process_health(site: Site, state: LabState) -> list[Health]:
             out.append(Health("vectors", False, f"Milvus Lite: {exc}", str(backends.milvus_lite_path())))
     if site.services.audit_db.backend == "embedded":
         out.append(_chdb_health(backends))
+    return out
+
+
+def _node_store_health(site: Site, state: LabState) -> list[Health]:
+    """The stores on the core node: Milvus Lite as its core server sees it, chDB asked on the node."""
+    node = LabCoreNode(site, state)
+    out: list[Health] = []
+    if site.services.vectors.backend == "embedded":
+        out.append(CoreServer(site, state).milvus_health(f"{node.label}:/var/lib/membria/vectors"))
+    if site.services.audit_db.backend == "embedded":
+        where = f"{node.label}:/var/lib/membria/audit_db"
+        try:
+            version = node.audit_probe([])["version"]
+        except (CheckFailed, ServiceError, ValueError, KeyError) as exc:
+            detail = exc.message if isinstance(exc, CheckFailed | ServiceError) else str(exc)
+            if "there is no embedded audit DB" in detail:
+                return [*out, Health("audit_db", True, "chDB (created by the gateway's first request)", where)]
+            return [*out, Health("audit_db", False, detail, where)]
+        out.append(Health("audit_db", True, f"chDB (ClickHouse {version}) on the core node", where))
     return out
 
 
@@ -180,7 +244,10 @@ def _chdb_health(backends: Backends) -> Health:
 
 def all_services(site: Site, state: LabState, *, edge: bool = True) -> list[EmbeddedService]:
     """Every process the lab runs, in start order."""
-    core = process_services(site, state) + runtime_services(site, state)
+    if is_host_lab(site):
+        core = process_services(site, state) + bridge_relays(site, state)
+    else:
+        core = process_services(site, state) + runtime_services(site, state)
     return core + edge_services(site, state) + dr_services(site, state) if edge else core
 
 
@@ -191,6 +258,12 @@ def status(site: Site, state: LabState, *, edge: bool = True) -> list[Health]:
             out.append(Health(service.name, False, "not running", service.endpoint))
         else:
             out.append(service.check())
+    if is_host_lab(site):
+        node = LabCoreNode(site, state)
+        out.append(node.health())
+        out += [service.check() for service in runtime_services(site, state)]  # on the node, over mTLS
+        if edge and site.lab.dr_shipper:
+            out.append(_node_dr_health(site, node))
     return out + _in_process_health(site, state)
 
 
@@ -205,6 +278,11 @@ def down(site: Site, state: LabState) -> DownReport:
     for service in reversed(all_services(site, state)):
         if process.stop(state, service.name):
             report.stopped.append(service.name)
+    if is_host_lab(site):
+        node = LabCoreNode(site, state)
+        if node.stop():
+            report.stopped.append(f"{node.label} (test host {node.host.name}; its tree stays in {node.host.home})")
+        node.network.down()
     report.strays_killed = process.kill_strays(state)
     # The dev OpenBao starts empty on every start: its token and TLS files mean nothing after a stop.
     bao = OpenBao(site, state)

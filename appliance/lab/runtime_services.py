@@ -39,6 +39,13 @@ class _RuntimeService(EmbeddedService):
     start_timeout = 180.0  # the core server loads the embedding model first
 
     @property
+    def host(self) -> str:
+        """Loopback as a lab process; the core node's address when the roles run it there (`lab.core: host`)."""
+        if self.site.lab.core == "host" and self.site.core_nodes:
+            return self.site.core_nodes[0].address
+        return self.site.lab.host
+
+    @property
     def config_file(self) -> Path:
         return self.state.root / "config" / f"{self.name}.json"
 

@@ -336,6 +336,6 @@ def process_services(site: Site, state: LabState) -> list[EmbeddedService]:
     s3 = site.services.s3
     if s3.primary.backend == "embedded" or (s3.replica is not None and s3.replica.backend == "embedded"):
         wanted.append(S3Server(site, state))
-    if embedded["llm"]:
+    if embedded["llm"] and site.lab.core == "processes":  # else the llm role serves it on the core node
         wanted.append(LlamaServer(site, state))
     return wanted

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from appliance.audit_log import open_audit_db
 from appliance.backends import Backends
 from appliance.errors import BadInput, CheckFailed, ServiceError
-from appliance.lab import bootstrap
+from appliance.lab import audit_rows, bootstrap
 from appliance.lab.runtime_services import Gateway, admin_tls
 from appliance.lab.state import LabState
 from appliance.pki import Pki
@@ -80,7 +80,8 @@ def _smoke_identity(site: Site, state: LabState) -> TlsFiles:
     return TlsFiles(cert=cert, key=key, ca=chain)
 
 
-def run(site: Site, state: LabState) -> list[SmokeStep]:
+def run(site: Site, state: LabState, audit_lookup: AuditLookup | None = None) -> list[SmokeStep]:
+    """`audit_lookup` finds request ids' decisions where the audit log lives (default: this machine)."""
     gateway = Gateway(site, state).endpoint
     steps: list[SmokeStep] = []
     request_ids: list[str] = []
@@ -107,31 +108,29 @@ def run(site: Site, state: LabState) -> list[SmokeStep]:
         steps.append(
             SmokeStep("cross-department refused", cross.status_code == 403, f"HTTP {cross.status_code} for hr")
         )
-    steps.append(_audit_rows_visible(site, state, request_ids))
+    steps.append(_audit_rows_visible(site, state, request_ids, audit_lookup))
     return steps
 
 
-def _audit_rows_visible(site: Site, state: LabState, request_ids: list[str]) -> SmokeStep:
-    """The gateway writes audit rows in batches (every 0.5 s); wait for ours, sharing chDB politely."""
+AuditLookup = Callable[[list[str]], dict[str, str]]
+
+
+def _local_audit_lookup(site: Site, state: LabState) -> AuditLookup:
     backends = Backends(site, state)
+    return lambda ids: audit_rows.decisions(backends, ids)["decisions"]
+
+
+def _audit_rows_visible(site: Site, state: LabState, request_ids: list[str], lookup: AuditLookup | None) -> SmokeStep:
+    """The gateway writes audit rows in batches (every 0.5 s); wait for ours, sharing chDB politely."""
+    lookup = lookup or _local_audit_lookup(site, state)
     deadline = time.monotonic() + 15
     found: dict[str, str] = {}
     while time.monotonic() < deadline:
         try:
-            client = open_audit_db(backends, wait_s=2)
+            found = lookup(request_ids)
         except (CheckFailed, ServiceError):  # not created yet, or busy: the next batch will tell
             time.sleep(0.3)
             continue
-        try:
-            rows = client.query(
-                "SELECT request_id, decision FROM audit_log WHERE request_id IN {ids:Array(String)}",
-                parameters={"ids": request_ids},
-            ).result_rows
-        except Exception:  # noqa: BLE001 - the table appears with the first batch; keep waiting
-            rows = []
-        finally:
-            client.close()
-        found = {str(r[0]): str(r[1]) for r in rows}
         if len(found) == len(request_ids):
             decisions = [found[i] for i in request_ids]
             return SmokeStep("audit rows visible", decisions == ["allow", "deny"], f"decisions {decisions}")
