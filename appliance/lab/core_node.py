@@ -43,6 +43,14 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 NODE_SITE_FILE = "/etc/membria/site.yaml"
 NODE_STATE_DIR = "/var/lib/membria/dr/state"
 NODE_UNITS = ("membria-vault-agent", "membria-llm", "membria-core", "membria-gateway")
+# What the vault_agent role's agent renders from Vault (certificates, CA chain, CRL, gateway secrets).
+# The certificate bundles are the agent's own record, which its pkiCert reads back before asking for a new one.
+RENDERED_BY_AGENT = (
+    "/etc/membria/tls/*.pem",
+    "/var/lib/membria/vault-agent/*.bundle.pem",
+    "/etc/membria/secrets/*.env",
+    "/etc/membria/gateway/service-token.pub",
+)
 READY_TIMEOUT_S = 300.0  # the core server loads the embedding model, then llama.cpp its model
 
 
@@ -113,13 +121,27 @@ class LabCoreNode:
         """Create (once), boot, apply every role, and wait until the gateway answers ready."""
         require_tools()
         self.check_subnet()
-        if not self.host.root.exists():
+        existed = self.host.root.exists()
+        if not existed:
             progress(f"{self.label}: creating test host {self.host.name} (the rootfs is built once, cached)")
             self.host.create(progress)
         if not self.host.running():
             self.host.start(progress=progress)
+        if existed:
+            self.forget_vault(progress)
         self.apply(progress)
         self.wait_ready(progress)
+
+    def forget_vault(self, progress: Progress) -> None:
+        """The lab's OpenBao starts empty: a new PKI, new secrets. What the Vault agent rendered from the last
+        one goes, so the apply waits for files from this one (the agent would keep a certificate of the old
+        CA until its renewal time)."""
+        progress(f"{self.label}: dropping what the Vault agent rendered from the previous lab OpenBao")
+        self.host.ssh(
+            "systemctl stop membria-vault-agent 2>/dev/null; "
+            f"rm -f {' '.join(RENDERED_BY_AGENT)} /etc/membria/vault-agent/token",
+            timeout=60,
+        )
 
     def stop(self) -> bool:
         running = self.host.running()

@@ -1,0 +1,152 @@
+"""`appliance lab up` with `lab.core: host` (the example lab's setting): core-1 is a systemd-nspawn test host
+that `appliance core apply` provisions with the roles, as on a rack, instead of the core services running as
+local processes. The lab's smoke, the edge agent and DR shipping then all go through the node.
+
+One module fixture runs `lab up` on a fresh state directory, a free private subnet and free ports (it never
+meets `make lab`), then `lab up` again; the tests read what happened; `lab down` runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.backends import Backends
+from appliance.core.runner import read_events, summarize
+from appliance.hosts.nspawn import free_network
+from appliance.lab import process
+from appliance.lab.core_node import LabCoreNode
+from appliance.lab.state import LabState
+from appliance.site import Site
+from tests.conftest import lab_site_data, write_site
+
+pytestmark = [pytest.mark.hosts, pytest.mark.timeout(2400)]
+
+APPLIANCE = [sys.executable, "-m", "appliance"]
+
+
+@dataclass
+class HostLab:
+    site: Site
+    site_file: Path
+    state: LabState
+    first: subprocess.CompletedProcess[str]
+    second: subprocess.CompletedProcess[str]
+    applied_at: tuple[int, int]  # the apply's event log (mtime) after the first and the second `up`
+
+    @property
+    def node(self) -> LabCoreNode:
+        return LabCoreNode(self.site, self.state)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return _cli(*args, "--site", str(self.site_file))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([*APPLIANCE, *args], capture_output=True, text=True, timeout=1500, env=env)
+
+
+def _ok(run: subprocess.CompletedProcess[str]) -> None:
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-6000:]}\n{run.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def host_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostLab]:
+    root = tmp_path_factory.mktemp("host-lab")
+    network = free_network("mbp")  # a /24 no interface here uses; the lab raises its own bridge on it
+    address = network.address(11)
+    network.down()
+    data = lab_site_data(root / "state")
+    data["lab"]["core"] = "host"
+    data["core_nodes"][0]["address"] = address
+    site_file = write_site(root / "site.yaml", data)
+    site = Site.model_validate(data)
+    state = LabState.at(site.lab.state_dir)
+    events = state.log_dir / "core-apply-events.jsonl"
+
+    def applied_at() -> int:
+        return events.stat().st_mtime_ns if events.exists() else 0
+
+    try:
+        first = _cli("lab", "up", "--site", str(site_file))
+        after_first = applied_at()
+        second = _cli("lab", "up", "--site", str(site_file))
+        yield HostLab(site, site_file, state, first, second, (after_first, applied_at()))
+    finally:
+        _cli("lab", "down", "--site", str(site_file))
+        LabCoreNode(site, state).host.destroy()
+
+
+def test_lab_up_provisions_core_1_and_passes_its_smoke(host_lab: HostLab) -> None:
+    _ok(host_lab.first)
+    out = host_lab.first.stdout
+    assert "started core-1" in out
+    for step in ("answered from engineering", "cross-department refused", "audit rows visible", "edge: delivered"):
+        assert f"smoke: {step}" in out, out[-4000:]
+
+
+def test_core_1_is_provisioned_by_core_apply(host_lab: HostLab) -> None:
+    """The same code path as a rack: the CLI's event log, every role, no failure."""
+    _ok(host_lab.first)
+    events = host_lab.state.log_dir / "core-apply-events.jsonl"
+    summary = summarize(read_events(events))
+    recap = summary.recap["core-1"]
+    assert recap.failed == 0 and recap.unreachable == 0 and recap.changed > 0
+    roles = {e.get("event_data", {}).get("role") for e in read_events(events)}
+    assert {"base", "vault_agent", "llm", "core_server", "gateway", "monitoring", "dr_agent"} <= roles
+
+
+def test_no_core_service_runs_as_a_local_process(host_lab: HostLab) -> None:
+    _ok(host_lab.first)
+    for name in ("llm", "core", "gateway", "dr-shipper"):
+        assert process.running(host_lab.state, name) is None, name
+    remote = host_lab.node.host.testinfra_host()
+    for unit in ("membria-llm", "membria-core", "membria-gateway", "membria-vault-agent", "membria-dr-ship.timer"):
+        assert remote.service(unit).is_running, unit
+
+
+def test_lab_status_checks_the_node(host_lab: HostLab) -> None:
+    _ok(host_lab.first)
+    status = host_lab.cli("lab", "status")
+    _ok(status)
+    address = host_lab.site.core_nodes[0].address
+    assert f"https://{address}:{host_lab.site.lab.ports.gateway}" in status.stdout
+    for name in ("core-1", "openbao-relay", "s3-relay", "dr-shipping", "audit_db", "vectors"):
+        assert name in status.stdout, status.stdout
+
+
+def test_the_node_ships_dr_to_the_labs_s3(host_lab: HostLab) -> None:
+    _ok(host_lab.first)
+    backends = Backends(host_lab.site, host_lab.state)
+    target = backends.s3("primary")
+    listed = target.client.list_objects_v2(Bucket=target.bucket, Prefix="")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert any("audit_db" in k for k in keys) and any("vectors" in k for k in keys), keys[:20]
+
+
+def test_a_second_up_leaves_the_node_alone(host_lab: HostLab) -> None:
+    _ok(host_lab.second)
+    assert "already up; nothing changed" in host_lab.second.stdout, host_lab.second.stdout[-3000:]
+    assert "started core-1" not in host_lab.second.stdout
+    first, second = host_lab.applied_at
+    assert first and second == first  # no second `core apply`
+
+
+def test_lab_down_stops_the_node_and_its_bridge(host_lab: HostLab) -> None:
+    _ok(host_lab.first)
+    down = host_lab.cli("lab", "down")
+    _ok(down)
+    assert "stopped core-1" in down.stdout
+    node = host_lab.node
+    assert not node.host.running()
+    assert not node.network.exists()
+    assert node.host.root.exists()  # its stores stay for the next `up`
+    status = host_lab.cli("lab", "status")
+    assert status.returncode == 1
