@@ -15,9 +15,14 @@ from appliance.lab.services import Health
 
 app = typer.Typer(
     help=(
-        "Run the appliance on this machine with embedded services: OpenBao (secrets, PKI), an S3 endpoint "
-        "(moto), llama.cpp serving Gemma 3 270M, Milvus Lite and chDB.\n\n"
-        "`up` is idempotent: run it again and it only repairs what is missing. `down` leaves no process behind."
+        "Run a whole site on this machine with embedded services: OpenBao (secrets, PKI) and an S3 endpoint "
+        "(moto) here, and the core node (llama.cpp serving Gemma 3 270M, the core server with Milvus Lite, "
+        "the gateway with chDB) on core-1, a systemd-nspawn test host that `appliance core apply` provisions "
+        "with the roles (`lab.core: host`; `lab.core: processes` runs them here as processes instead). "
+        "Then a smoke through the gateway, one edge agent, and DR shipping to the lab's S3.\n\n"
+        "`up` is idempotent: run it again and it only repairs what is missing. `down` leaves no process "
+        "behind; core-1's tree stays in <state>/hosts/ for the next `up`.\n\n"
+        "Example: appliance lab up --site examples/lab.yaml"
     ),
     no_args_is_help=True,
 )
@@ -36,7 +41,8 @@ def _health_table(rows: list[Health], title: str) -> Table:
 
 @app.command()
 def up(site_file: Path = SiteOption, state_dir: Path | None = StateDirOption) -> None:
-    """Start the embedded services, bootstrap PKI, secrets and S3 buckets, and print the endpoints."""
+    """Start the embedded services, bootstrap PKI, secrets and S3 buckets, provision core-1, run the smoke,
+    and print the endpoints. The first run builds the test hosts' Debian rootfs once (about a minute)."""
     site = load(site_file)
     state = lab_state(site, state_dir)
     with console.status("starting the lab", spinner="dots") as spinner:
@@ -71,7 +77,7 @@ def status(site_file: Path = SiteOption, state_dir: Path | None = StateDirOption
 
 @app.command()
 def down(site_file: Path = SiteOption, state_dir: Path | None = StateDirOption) -> None:
-    """Stop every lab process (and any stray of an interrupted `up`). Data files stay in the state directory."""
+    """Stop every lab process (and any stray of an interrupted `up`) and core-1. Data stays in the state directory."""
     site = load(site_file)
     state = lab_state(site, state_dir)
     report = lifecycle.down(site, state)

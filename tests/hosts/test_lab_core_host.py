@@ -126,9 +126,10 @@ def test_the_node_ships_dr_to_the_labs_s3(host_lab: HostLab) -> None:
     _ok(host_lab.first)
     backends = Backends(host_lab.site, host_lab.state)
     target = backends.s3("primary")
-    listed = target.client.list_objects_v2(Bucket=target.bucket, Prefix="")
-    keys = [o["Key"] for o in listed.get("Contents", [])]
-    assert any("audit_db" in k for k in keys) and any("vectors" in k for k in keys), keys[:20]
+    pages = target.client.get_paginator("list_objects_v2").paginate(Bucket=target.bucket)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    for store in ("audit_db", "vectors"):
+        assert any(f"/ship/{store}/" in k for k in keys), (store, keys[:20])
 
 
 def test_a_second_up_leaves_the_node_alone(host_lab: HostLab) -> None:
