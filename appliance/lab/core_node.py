@@ -228,7 +228,11 @@ class LabCoreNode:
     # ---- using it ------------------------------------------------------------------------------------
 
     def ssh(self, command: str, *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return self.host.ssh(command, check=False, timeout=timeout)
+        """`command` on the node; an answer that does not come in `timeout` is a failed command (exit 255)."""
+        try:
+            return self.host.ssh(command, check=False, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(command, 255, "", f"no answer from {self.label} in {timeout:.0f} s")
 
     def ssh_hint(self, command: str) -> str:
         return f"ssh {' '.join(shlex.quote(o) for o in self.host.ssh_options())} root@{self.host.address} {command!r}"
@@ -238,10 +242,9 @@ class LabCoreNode:
         where = f"{self.host.name} {self.host.address}"
         if not self.host.running():
             return Health(self.label, False, "test host not running", where)
-        try:
-            result = self.ssh("systemctl is-active " + " ".join(NODE_UNITS), timeout=20)
-        except subprocess.TimeoutExpired:
-            return Health(self.label, False, "no SSH answer in 20 s", where)
+        result = self.ssh("systemctl is-active " + " ".join(NODE_UNITS), timeout=20)
+        if result.returncode == 255:
+            return Health(self.label, False, f"no SSH answer: {result.stderr.strip()[:200]}", where)
         states = dict(zip(NODE_UNITS, result.stdout.split(), strict=False))
         down = [f"{unit} {states.get(unit, 'unknown')}" for unit in NODE_UNITS if states.get(unit) != "active"]
         if down:

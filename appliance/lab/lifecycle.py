@@ -261,6 +261,9 @@ def status(site: Site, state: LabState, *, edge: bool = True) -> list[Health]:
     if is_host_lab(site):
         node = LabCoreNode(site, state)
         out.append(node.health())
+        if not node.host.running():  # nothing on it can answer: say so at once rather than time out
+            down = [s.name for s in runtime_services(site, state)] + ["dr-shipping"] * (edge and site.lab.dr_shipper)
+            return out + [Health(name, False, f"{node.label} is not running", node.host.address) for name in down]
         out += [service.check() for service in runtime_services(site, state)]  # on the node, over mTLS
         if edge and site.lab.dr_shipper:
             out.append(_node_dr_health(site, node))
