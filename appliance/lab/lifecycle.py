@@ -180,11 +180,11 @@ def _node_dr_health(site: Site, node: LabCoreNode) -> Health:
 
 def _in_process_health(site: Site, state: LabState) -> list[Health]:
     """Milvus Lite and chDB live inside their users' processes; check them with a real query."""
+    if is_host_lab(site):
+        return _node_store_health(site, state)
     backends = Backends(site, state)
     out: list[Health] = []
     core = CoreServer(site, state)
-    if is_host_lab(site):
-        return _node_store_health(site, state)
     if site.services.vectors.backend == "embedded" and process.running(state, core.name) is not None:
         # Milvus Lite admits one process per file: while the core server holds it, ask the core server.
         out.append(core.milvus_health(str(backends.milvus_lite_path())))
