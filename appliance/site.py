@@ -328,6 +328,15 @@ class Rbac(Strict):
     policy_file: Pathname
 
 
+class BundleSigning(Strict):
+    """Air-gapped bundles (`appliance bundle`): the key that signs them lives in Vault; the public key verifies."""
+
+    signing_key_vault_path: str = Field(
+        default="membria/bundle-signing", min_length=1, description="Vault KV path of the Ed25519 signing key"
+    )
+    public_key_file: Pathname = Field(description="the public key `bundle verify` and `core apply --bundle` trust")
+
+
 # --- disaster recovery -----------------------------------------------------------------------------
 
 
@@ -447,6 +456,7 @@ class Site(Strict):
     edge_profiles: list[EdgeProfile] = Field(default_factory=list)
     licensing: Licensing
     rbac: Rbac
+    bundle: BundleSigning | None = None
     dr: Dr = Field(default_factory=Dr)
     lab: Lab = Field(default_factory=Lab)
 

@@ -12,6 +12,7 @@ from typer.exceptions import TyperException
 
 from appliance import __version__
 from appliance.cli import audit_log as audit_log_cli
+from appliance.cli import bundle as bundle_cli
 from appliance.cli import core as core_cli
 from appliance.cli import dr as dr_cli
 from appliance.cli import edge as edge_cli
@@ -42,6 +43,7 @@ app.add_typer(license_cli.app, name="license")
 app.add_typer(edge_cli.app, name="edge")
 app.add_typer(dr_cli.app, name="dr")
 app.add_typer(core_cli.app, name="core")
+app.add_typer(bundle_cli.app, name="bundle")
 
 
 def _version(value: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -60,6 +61,15 @@ VarsOption = typer.Option(
         "A YAML file of role variables: `all:` for every node and/or a node's name for one, e.g. "
         "{all: {base_ntp_servers: [ntp.plant.example]}, core-2: {base_ssh_allowed_cidrs: [10.20.0.0/16]}}. "
         "No secrets here: those come from Vault."
+    ),
+)
+BundleOption = typer.Option(
+    None,
+    "--bundle",
+    help=(
+        "Air-gapped install: an offline bundle directory (`appliance bundle build`). It is verified first "
+        "(signature with the site's bundle.public_key_file, every checksum, completeness); the nodes then "
+        "install only from it, pushed to them over SSH, never from a mirror or PyPI."
     ),
 )
 TagsOption = typer.Option(
@@ -174,8 +184,28 @@ def _read_vars(path: Path | None, site: Site) -> dict[str, dict[str, Any]]:
     return {name: {**shared, **data.get(name, {})} for name in names}
 
 
+def _verified_bundle(site: Site, bundle: Path) -> dict[str, str]:
+    """Verify the bundle against the site before anything else; its role variables (`membria_bundle`)."""
+    from appliance.bundle import keys
+    from appliance.bundle.verify import verify
+
+    key = keys.trusted_key(site, None)
+    with console.status(f"verifying the bundle {bundle}", spinner="dots"):
+        manifest = verify(bundle, key, site)
+    root = bundle.resolve()
+    digest = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()[:16]
+    print_ok(f"bundle {bundle} verified ({len(manifest.debs)} Debian packages, {len(manifest.wheels)} wheels)")
+    return {"id": digest, "apt_repo": str(root / "debs"), "wheelhouse": str(root / "wheels")}
+
+
 def _prepare(
-    site_file: Path, state_dir: Path | None, limit: str | None, *, mint_secrets: bool, vars_file: Path | None = None
+    site_file: Path,
+    state_dir: Path | None,
+    limit: str | None,
+    *,
+    mint_secrets: bool,
+    vars_file: Path | None = None,
+    bundle: Path | None = None,
 ) -> Prepared:
     from appliance.core.inventory import build_inventory, core_state_dir, llm_plan, secret_id_env, write_inventory
 
@@ -184,6 +214,7 @@ def _prepare(
     plans = {node.name: llm_plan(site, node) for node in site.core_nodes}
     nodes = _limited(site, limit)
     extra = _read_vars(vars_file, site)  # bad input is refused before Vault is asked anything
+    bundle_vars = _verified_bundle(site, bundle) if bundle is not None else None
     state = core_state_dir(site, state_dir)
     backends = _backends(site, state)
     envvars: dict[str, str] = {}
@@ -199,7 +230,7 @@ def _prepare(
         role_ids = _existing_role_ids(backends, nodes)
     for node, role_id in role_ids.items():
         extra.setdefault(node, {})["membria_vault_role_id"] = role_id
-    inventory = build_inventory(site, extra_hostvars=extra, state_dir=state, site_file=site_file)
+    inventory = build_inventory(site, extra_hostvars=extra, state_dir=state, site_file=site_file, bundle=bundle_vars)
     return Prepared(site, state, write_inventory(inventory, state), envvars, nodes, plans)
 
 
@@ -231,6 +262,7 @@ def plan(
     limit: str | None = LimitOption,
     tags: list[str] | None = TagsOption,
     vars_file: Path | None = VarsOption,
+    bundle: Path | None = BundleOption,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (no live view)."),
 ) -> None:
     """What `apply` would change, per host and role (a check + diff run).
@@ -247,7 +279,7 @@ def plan(
     from appliance.core.view import RunView, print_problems
 
     roles = _tags(tags)
-    prepared = _prepare(site_file, state_dir, limit, mint_secrets=False, vars_file=vars_file)
+    prepared = _prepare(site_file, state_dir, limit, mint_secrets=False, vars_file=vars_file, bundle=bundle)
 
     def run(on_event: EventHandler | None) -> RunResult:
         return prepared.run(check=True, limit=limit, tags=roles, on_event=on_event)
@@ -277,6 +309,7 @@ def apply(
     limit: str | None = LimitOption,
     tags: list[str] | None = TagsOption,
     vars_file: Path | None = VarsOption,
+    bundle: Path | None = BundleOption,
     events: Path | None = typer.Option(
         None, "--events", help="Also copy the run's JSON event log (one event a line) to this file."
     ),
@@ -293,11 +326,13 @@ def apply(
         appliance core apply --site examples/rack.yaml
 
         appliance core apply --site examples/rack.yaml --limit core-2 --tags monitoring
+
+        appliance core apply --site examples/rack.yaml --bundle /media/usb/membria-acme   (air-gapped)
     """
     from appliance.core.view import RunView, print_problems, recap_table
 
     roles = _tags(tags)
-    prepared = _prepare(site_file, state_dir, limit, mint_secrets=True, vars_file=vars_file)
+    prepared = _prepare(site_file, state_dir, limit, mint_secrets=True, vars_file=vars_file, bundle=bundle)
     _show_plans(prepared)
     with RunView(prepared.nodes, console, f"core apply — site {prepared.site.site.name}") as view:
         result = prepared.run(check=False, limit=limit, tags=roles, on_event=view)

@@ -35,6 +35,10 @@ NODE_PYTHON = "/usr/bin/python3"
 _SECRET_KEY = re.compile(r"(^|_)(secret|password|passwd|pass|token|private_key)(_id)?$", re.IGNORECASE)
 
 
+# The venv the runtime role builds from a bundle's wheels (roles/runtime).
+BUNDLE_RUNTIME_PYTHON = "/opt/membria/runtime/bin/python"
+
+
 def secret_id_env(node_name: str) -> str:
     """The environment variable that carries a node's AppRole secret id to the play (`core-1` ->
     MEMBRIA_VAULT_SECRET_ID_CORE_1). The inventory names it (`membria_vault_secret_id_env`); the value never."""
@@ -131,11 +135,14 @@ def build_inventory(
     state_dir: Path | None = None,
     site_file: Path | None = None,
     runtime_python: str | None = None,
+    bundle: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The inventory dict for ansible-runner. `extra_hostvars` maps a node name to variables that override or
     add to that host's (tests and the lab: connection arguments, `base_apt_update_cache: false`, the AppRole
     role id). `site_file` is the controller path the DR agent's copy comes from; `runtime_python` overrides
-    the interpreter the runtime services run with (default: this process's, the admin machine's venv)."""
+    the interpreter the runtime services run with (default: this process's, the admin machine's venv).
+    `bundle` (a verified offline bundle: id, apt_repo, wheelhouse) makes the roles install only from it, and the
+    runtime run from the venv the runtime role builds out of its wheels, whatever `extra_hostvars` say."""
     state = core_state_dir(site, state_dir)
     extra = dict(extra_hostvars or {})
     unknown = sorted(set(extra) - {n.name for n in site.core_nodes})
@@ -166,6 +173,7 @@ def build_inventory(
         "membria_site_file": str(controller_path(site_file)) if site_file else None,
         "membria_bao_binary": bao_binary(),
         "membria_runtime_python": runtime_python or sys.executable,
+        "membria_bundle": dict(bundle) if bundle else None,
     }
     known_hosts = state / "core" / "known_hosts"
     hosts: dict[str, dict[str, Any]] = {}
@@ -188,6 +196,10 @@ def build_inventory(
             "membria_llm_plan": llm_plan(site, node),
         }
         hostvars.update(extra.get(node.name, {}))
+        if bundle:
+            hostvars["membria_bundle"] = dict(bundle)
+            hostvars["membria_runtime_python"] = BUNDLE_RUNTIME_PYTHON
+            hostvars.pop("membria_runtime_root", None)  # the checkout's tree is not the runtime any more
         hosts[node.name] = hostvars
     inventory = {"all": {"children": {GROUP: {"hosts": hosts}}}}
     _refuse_secrets(inventory, site)

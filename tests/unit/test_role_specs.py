@@ -13,6 +13,7 @@ pytestmark = pytest.mark.unit
 ROLES_DIR = Path(__file__).resolve().parents[2] / "roles"
 ROLES = [
     "base",
+    "runtime",
     "nvidia",
     "vault_agent",
     "clickhouse",

@@ -1,0 +1,145 @@
+"""Python wheels for the node's venvs: the appliance itself, built from this checkout, and its pinned closure.
+
+`pip wheel` resolves and builds once: sdists such as llama-cpp-python compile on the build machine (pip's
+wheel cache keeps the result, so the next bundle reuses it) and the node only unpacks wheels. The
+requirements file pins every wheel by version and sha256, and the node installs it with `--no-index
+--require-hashes`: pip itself refuses a wheel that is not exactly the one the bundle signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.bundle.needs import DISTRIBUTION, MODEL_PACKAGES
+from appliance.errors import MissingEnvironment
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".onnx")
+
+
+@dataclass(frozen=True)
+class Wheel:
+    name: str  # normalized distribution name
+    version: str
+    file: str  # name of the .whl inside wheels/
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    package: str
+    wheel: str
+    member: str  # path inside the wheel
+    sha256: str
+    size: int
+
+
+def require_node_platform() -> None:
+    """The wheels are built for the interpreter running this: it must match a Debian 12 node's."""
+    if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
+        raise MissingEnvironment(
+            f"bundles are built with CPython 3.11 on x86_64 (a Debian 12 node's); this is "
+            f"{platform.python_implementation()} {platform.python_version()} on {platform.machine()}",
+            hint="build on Debian 12 x86_64 with /usr/bin/python3's venv (make venv)",
+        )
+
+
+def _normalize(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def parse_wheel_name(file: str) -> Wheel:
+    parts = Path(file).name[: -len(".whl")].split("-")
+    return Wheel(_normalize(parts[0]), parts[1], Path(file).name)
+
+
+def _pip(args: list[str], what: str, log: Callable[[str], None]) -> None:
+    argv = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", *args]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    tail: list[str] = []
+    for line in process.stdout:
+        line = line.rstrip()
+        tail = [*tail[-20:], line]
+        if line.startswith(("Building wheel", "Created wheel")):  # the slow steps; downloads are many and quick
+            log(line)
+    if process.wait() != 0:
+        raise MissingEnvironment(f"{what} failed: " + "\n".join(tail[-8:]), hint="PyPI must be reachable to build")
+
+
+def appliance_wheel(dest: Path, log: Callable[[str], None]) -> Path:
+    """The appliance as a wheel, built from this checkout (no build isolation: its tools are in this venv)."""
+    if not (CHECKOUT / "pyproject.toml").is_file():
+        raise MissingEnvironment(f"no checkout at {CHECKOUT}", hint="build bundles from a clone of the appliance")
+    _pip(
+        ["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(dest), str(CHECKOUT)],
+        "building the appliance wheel",
+        log,
+    )
+    found = sorted(dest.glob(f"{DISTRIBUTION.replace('-', '_')}-*.whl"))
+    if not found:
+        raise MissingEnvironment("pip built no appliance wheel")
+    return found[-1]
+
+
+def build(requirements: tuple[str, ...], dest: Path, log: Callable[[str], None]) -> list[Wheel]:
+    """Wheels for `requirements` and their whole closure into dest; DISTRIBUTION is built from the checkout."""
+    require_node_platform()
+    dest.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in dest.glob("*.whl")}
+    with tempfile.TemporaryDirectory(prefix="membria-wheel-") as tmp:
+        wanted = list(requirements)
+        if DISTRIBUTION in wanted:
+            # The file itself, not the name: PyPI must never be asked for a package called membria-appliance.
+            built = appliance_wheel(Path(tmp), log)
+            wanted[wanted.index(DISTRIBUTION)] = str(built)
+        _pip(["wheel", "--prefer-binary", "--wheel-dir", str(dest), *wanted], "pip wheel", log)
+    return [parse_wheel_name(p.name) for p in sorted(dest.glob("*.whl")) if p.name not in before]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_requirements(wheels_dir: Path, wheels: list[Wheel], name: str) -> Path:
+    """`name==version --hash=sha256:...` for each wheel: what `pip install --require-hashes` on the node reads."""
+    lines = [
+        f"{w.name}=={w.version} --hash=sha256:{sha256_file(wheels_dir / w.file)}"
+        for w in sorted(wheels, key=lambda w: w.name)
+    ]
+    path = wheels_dir / name
+    path.write_text(
+        "# Generated by `appliance bundle build`: every wheel pinned by version and sha256.\n" + "\n".join(lines) + "\n"
+    )
+    return path
+
+
+def model_files(wheels_dir: Path, wheels: list[Wheel]) -> list[ModelFile]:
+    """The model files the packaged models carry (the GGUF, the embedding weights), hashed inside their wheels."""
+    out = []
+    packages = {_normalize(p) for p in MODEL_PACKAGES}
+    for wheel in wheels:
+        # A large model ships split across part packages (gemma3-...-gguf-part1..4): they count as the model too.
+        if not wheel.name.startswith(tuple(packages)):
+            continue
+        with zipfile.ZipFile(wheels_dir / wheel.file) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(MODEL_SUFFIXES) and ".gguf" not in info.filename:
+                    continue
+                digest = hashlib.sha256()
+                with archive.open(info) as member:
+                    while chunk := member.read(1 << 20):
+                        digest.update(chunk)
+                out.append(ModelFile(wheel.name, wheel.file, info.filename, digest.hexdigest(), info.file_size))
+    return out
