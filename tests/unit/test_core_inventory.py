@@ -56,6 +56,7 @@ CONTRACT = {
     "membria_rbac_policy_file",
     "membria_site_file",
     "membria_bao_binary",
+    "membria_bundle",
 }
 SECRET = "s.9f2c1e7a-membria-test-secret-4b1d"
 
@@ -263,3 +264,19 @@ def test_core_plan_refuses_before_anything_runs(tmp_path: Path) -> None:
     assert "cannot be served on core-1" in done.stderr
     assert "> 28.80 GB usable" in done.stderr
     assert not state.exists()
+
+
+def test_a_bundle_overrides_the_runtime_and_is_shared(
+    lab: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --bundle the runtime runs from the venv the runtime role builds, whatever --vars said."""
+    monkeypatch.chdir(tmp_path)
+    bundle = {"id": "0123456789abcdef", "apt_repo": "/b/debs", "wheelhouse": "/b/wheels"}
+    extra = {"core-1": {"membria_runtime_python": "/srv/checkout/.venv/bin/python", "membria_runtime_root": "/srv"}}
+    core = hosts_of(build_inventory(lab, extra_hostvars=extra, bundle=bundle))["core-1"]
+    assert core["membria_bundle"] == bundle
+    assert core["membria_runtime_python"] == "/opt/membria/runtime/bin/python"
+    assert "membria_runtime_root" not in core
+    online = hosts_of(build_inventory(lab, extra_hostvars=extra))["core-1"]
+    assert online["membria_bundle"] is None
+    assert online["membria_runtime_python"] == "/srv/checkout/.venv/bin/python"
