@@ -16,9 +16,10 @@ STAMPS := .stamps
 SITE ?= examples/lab.yaml
 
 # Build tools for llama-cpp-python (compiled from source), venv support, TLS roots; headless chromium for
-# the edge chat page test; nspawn test hosts (systemd-container, mmdebstrap, a bridge, an SSH client).
+# the edge chat page test; nspawn test hosts (systemd-container, mmdebstrap, a bridge, an SSH client);
+# apt-ftparchive (apt-utils) indexes the offline bundle's apt repository.
 APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates chromium chromium-driver \
-	systemd-container mmdebstrap iproute2 openssh-client
+	systemd-container mmdebstrap iproute2 openssh-client apt-utils
 # pytest's markers for the tiers `make test` runs (later tiers join as they land).
 TEST_TIERS ?= unit or integration or hosts
 PYTEST_ARGS ?=

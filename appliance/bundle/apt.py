@@ -120,22 +120,27 @@ def _field(deb: Path, name: str) -> str:
     return result.stdout.strip()
 
 
-def write_index(debs_dir: Path) -> list[Path]:
-    """A flat repository index (Packages, Packages.gz) over every .deb in debs_dir; returns the index files."""
-    if not shutil.which("dpkg-scanpackages"):
-        raise MissingEnvironment("dpkg-scanpackages is missing", hint="apt-get install dpkg-dev")
-    result = subprocess.run(
-        ["dpkg-scanpackages", "--multiversion", "--hash", "sha256", ".", "/dev/null"],
-        capture_output=True,
-        cwd=debs_dir,
-        check=False,
-    )
+def _ftparchive(args: list[str], cwd: Path) -> bytes:
+    result = subprocess.run(["apt-ftparchive", *args], capture_output=True, cwd=cwd, check=False)
     if result.returncode != 0:
-        raise MissingEnvironment(f"dpkg-scanpackages failed: {result.stderr.decode(errors='replace').strip()}")
+        raise MissingEnvironment(f"apt-ftparchive {args[0]} failed: {result.stderr.decode(errors='replace').strip()}")
+    return result.stdout
+
+
+def write_index(debs_dir: Path) -> list[Path]:
+    """A flat repository index over every .deb in debs_dir (Packages, Packages.gz and a Release with their
+    hashes and a date, which apt wants even from a trusted local repository); returns the index files."""
+    if not shutil.which("apt-ftparchive"):
+        raise MissingEnvironment("apt-ftparchive is missing", hint="apt-get install apt-utils")
+    listing = _ftparchive(["packages", "."], debs_dir)
     packages = debs_dir / "Packages"
-    packages.write_bytes(result.stdout)
+    packages.write_bytes(listing)
     compressed = debs_dir / "Packages.gz"
     # mtime 0: the same packages give the same bytes, so a rebuilt bundle's index checksum is stable.
     with compressed.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-        gz.write(result.stdout)
-    return [packages, compressed]
+        gz.write(listing)
+    release = debs_dir / "Release"
+    release.write_bytes(
+        _ftparchive(["-o", "APT::FTPArchive::Release::Origin=Membria bundle", "release", "."], debs_dir)
+    )
+    return [packages, compressed, release]
