@@ -109,7 +109,8 @@ CASES = [
         t := LAB + "monitoring: {enabled: true}\n",
         "monitoring",
         line_of(t, "monitoring:"),
-        "unknown key 'monitoring' (allowed: site, core_nodes, services, edge_profiles, licensing, rbac, bundle, dr, lab)",
+        "unknown key 'monitoring' (allowed: site, core_nodes, services, edge_profiles, licensing, rbac, bundle, "
+        "dr, lab)",
     ),
     Case(
         "unknown-key-in-hardware",
