@@ -50,30 +50,45 @@ class _RichReporter(Reporter):
         return _bar("sha256", total)
 
 
-def _bar(label: str, total: int) -> Callable[[int], None]:
-    progress = Progress(
-        TextColumn(label),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-    task = progress.add_task(label, total=total)
-    progress.start()
-    done = 0
+class _Bar:
+    """A byte progress bar, gone once full or closed (an error midway must not leave it drawn)."""
 
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        progress.update(task, advance=n)
-        if done >= total:
-            progress.stop()
+    def __init__(self, label: str, total: int) -> None:
+        self.progress = Progress(
+            TextColumn(label),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task(label, total=total)
+        self.total, self.done, self.running = total, 0, False
+        if total > 0:
+            self.progress.start()
+            self.running = True
 
-    if total == 0:
-        progress.stop()
-    return advance
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.progress.update(self.task, advance=n)
+        if self.done >= self.total:
+            self.close()
+
+    def close(self) -> None:
+        if self.running:
+            self.progress.stop()
+            self.running = False
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _bar(label: str, total: int) -> _Bar:
+    return _Bar(label, total)
 
 
 @app.command()
@@ -200,7 +215,8 @@ def verify(
         console.print(f"trusting the public key {named} (the bundle's site file names it)")
     key = keys.trusted_key(key_site, public_key)
     total = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) if bundle.is_dir() else 0
-    manifest = verify_bundle(bundle, key, site, _bar("verifying", total))
+    with _Bar("verifying", total) as bar:
+        manifest = verify_bundle(bundle, key, site, bar)
     debs, wheels = len(manifest.debs), len(manifest.wheels)
     print_ok(
         f"bundle {bundle} verified: signature, {len(manifest.files)} files, complete for site {manifest.site} "
