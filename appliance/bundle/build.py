@@ -6,7 +6,7 @@ Layout (see DESIGN.md beside this file)::
     BUNDLE/manifest.sig       Ed25519 signature over manifest.json (key from Vault)
     BUNDLE/sbom.cdx.json      CycloneDX SBOM: every .deb, wheel and model file
     BUNDLE/site.yaml          the site file it was built for
-    BUNDLE/debs/              .debs with their full dependency closure + Packages, Packages.gz (a flat repository)
+    BUNDLE/debs/              .debs, full dependency closure + Packages, Packages.gz, Release (a flat repository)
     BUNDLE/wheels/            wheels + requirements.txt (runtime) [+ vllm-requirements.txt], pinned by sha256
 
 The tree is built beside the target under a temporary name and renamed into place only when complete
