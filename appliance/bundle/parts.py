@@ -28,6 +28,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from appliance.bundle.manifest import hash_file
 from appliance.errors import BadInput, CheckFailed
 from runtime.common import atomic
 
@@ -360,12 +361,7 @@ def _check_part(path: Path, size: int, sha256: str, meter: _Meter) -> None:
     actual = path.stat().st_size
     if actual != size:
         raise CheckFailed(f"part {path.name} is {actual} bytes, expected {size}", hint="copy it again from the source")
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            meter.add(len(chunk))
-    if digest.hexdigest() != sha256:
+    if hash_file(path, meter.add).sha256 != sha256:
         raise CheckFailed(f"part {path.name} is corrupt: its sha256 does not match", hint="copy it again")
 
 

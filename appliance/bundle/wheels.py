@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.bundle.manifest import hash_file
 from appliance.bundle.needs import DISTRIBUTION, MODEL_PACKAGES
 from appliance.errors import MissingEnvironment
 
@@ -104,18 +105,10 @@ def build(requirements: tuple[str, ...], dest: Path, log: Callable[[str], None])
     return [parse_wheel_name(p.name) for p in sorted(dest.glob("*.whl")) if p.name not in before]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_requirements(wheels_dir: Path, wheels: list[Wheel], name: str) -> Path:
     """`name==version --hash=sha256:...` for each wheel: what `pip install --require-hashes` on the node reads."""
     lines = [
-        f"{w.name}=={w.version} --hash=sha256:{sha256_file(wheels_dir / w.file)}"
+        f"{w.name}=={w.version} --hash=sha256:{hash_file(wheels_dir / w.file).sha256}"
         for w in sorted(wheels, key=lambda w: w.name)
     ]
     path = wheels_dir / name
