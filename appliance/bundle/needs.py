@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from ruamel.yaml import YAML
 
 from appliance.errors import MissingEnvironment
@@ -67,8 +69,7 @@ class Need:
     sources: tuple[AptSource, ...] = field(default=())
 
 
-def role_default(role: str, variable: str) -> list[str]:
-    """A plain list from a role's defaults; the bundle and the role then agree by construction."""
+def _role_defaults(role: str) -> dict[str, Any]:
     path = ROLES_DIR / role / "defaults" / "main.yml"
     try:
         data = YAML(typ="safe").load(path.read_text())
@@ -76,7 +77,13 @@ def role_default(role: str, variable: str) -> list[str]:
         raise MissingEnvironment(
             f"cannot read {path}: {exc.strerror}", hint="run from a checkout of the appliance"
         ) from None
-    value = (data or {}).get(variable)
+    return dict(data or {})
+
+
+def role_default(role: str, variable: str) -> list[str]:
+    """A plain list from a role's defaults; the bundle and the role then agree by construction."""
+    path = ROLES_DIR / role / "defaults" / "main.yml"
+    value = _role_defaults(role).get(variable)
     if not isinstance(value, list) or not all(isinstance(v, str) and "{{" not in v for v in value):
         raise MissingEnvironment(f"{path}: {variable} is not a plain list of package names")
     return list(value)
@@ -95,17 +102,18 @@ def _pinned(names: tuple[str, ...]) -> list[str]:
         requires = importlib.metadata.requires(DISTRIBUTION) or []
     except importlib.metadata.PackageNotFoundError:
         raise MissingEnvironment(f"{DISTRIBUTION} is not installed", hint="make venv") from None
-    wanted = {n.lower() for n in names}
+    wanted = {canonicalize_name(n) for n in names}
     found: dict[str, str] = {}
     for line in requires:
-        spec = line.split(";", 1)[0].strip()
-        base = spec.split("[", 1)[0].split("=", 1)[0].split("<", 1)[0].split(">", 1)[0].strip().lower()
-        if base in wanted:
-            found[base] = spec
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        if name in wanted:
+            requirement.marker = None  # the `extra == "lab"` marker: the bundle wants it unconditionally
+            found[name] = str(requirement)
     missing = sorted(wanted - set(found))
     if missing:
         raise MissingEnvironment(f"{DISTRIBUTION}'s metadata pins no version of {', '.join(missing)}")
-    return [found[n.lower()] for n in names]
+    return [found[canonicalize_name(n)] for n in names]
 
 
 def _has_gpus(site: Site) -> bool:
@@ -146,12 +154,11 @@ def site_needs(site: Site, *, mirror: str = DEBIAN_MIRROR, security: str = DEBIA
 
 
 def _llm_default(variable: str) -> str:
-    data = YAML(typ="safe").load((ROLES_DIR / "llm" / "defaults" / "main.yml").read_text())
-    return str(data[variable])
+    return str(_role_defaults("llm")[variable])
 
 
 def _nvidia_need() -> Need:
-    data = YAML(typ="safe").load((ROLES_DIR / "nvidia" / "defaults" / "main.yml").read_text())
+    data = _role_defaults("nvidia")
     flavors = data["nvidia_driver_packages"]
     packages = [
         *flavors["open"],

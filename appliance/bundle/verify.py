@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from appliance import __version__
 from appliance.bundle.manifest import Manifest, check_signature, hash_file, walk
@@ -20,11 +22,11 @@ from appliance.site import Site
 SITE_COPY = "site.yaml"
 
 
-def _name(requirement: str) -> str:
-    base = Path(requirement).name if requirement.endswith(".whl") else requirement
-    for stop in ("[", "=", "<", ">", "~", "!", ";", " "):
-        base = base.split(stop, 1)[0]
-    return base.strip().lower().replace("_", "-").replace(".", "-")
+def _requirement(item: str) -> tuple[str, str | None]:
+    """(canonical name, pinned version or None) of a need's item: a requirement string or the distribution."""
+    requirement = Requirement(item)
+    pins = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+    return canonicalize_name(requirement.name), pins[0] if pins else None
 
 
 def check_files(bundle: Path, manifest: Manifest, on_bytes: Callable[[int], None] | None = None) -> None:
@@ -64,10 +66,9 @@ def check_complete(manifest: Manifest, site: Site) -> None:
             if need.kind == "apt" and item not in debs:
                 raise CheckFailed(f"incomplete: Debian package {item} ({need.group}) is not in the bundle")
             if need.kind == "wheels":
-                name = _name(item)
+                name, pinned = _requirement(item)
                 if name not in wheels:
                     raise CheckFailed(f"incomplete: Python package {name} ({need.group}) is not in the bundle")
-                pinned = item.split("==", 1)[1].split(";", 1)[0].strip() if "==" in item else None
                 if name == DISTRIBUTION:
                     pinned = __version__
                 if pinned and wheels[name] != pinned:

