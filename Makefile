@@ -19,9 +19,10 @@ SITE ?= examples/lab.yaml
 # the edge chat page test; nspawn test hosts (systemd-container, mmdebstrap, a bridge, an SSH client);
 # apt-ftparchive (apt-utils) indexes the offline bundle's apt repository.
 APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates chromium chromium-driver \
-	systemd-container mmdebstrap iproute2 openssh-client apt-utils
+	systemd-container mmdebstrap iproute2 openssh-client apt-utils \
+	cryptsetup-bin fdisk dosfstools mtools bmap-tools cpio e2fsprogs zstd
 # pytest's markers for the tiers `make test` runs (later tiers join as they land).
-TEST_TIERS ?= unit or integration or hosts
+TEST_TIERS ?= unit or integration or hosts or image
 PYTEST_ARGS ?=
 # Python trees to lint (bench/ once it exists).
 PY_DIRS := appliance runtime edge_image tests $(wildcard bench)
