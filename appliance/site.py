@@ -301,6 +301,19 @@ class EdgeEscalation(Strict):
     backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600)
 
 
+class EdgeImageOptions(Strict):
+    """The profile's disk image (`appliance edge build`): sizes and how the laptop's TPM guards its disk."""
+
+    root_size_mb: int = Field(
+        default=4096, ge=512, le=1_048_576, description="encrypted root as built; grows at first boot"
+    )
+    esp_size_mb: int = Field(default=512, ge=64, le=4096, description="EFI system partition (kernels and initrds)")
+    tpm2_pcrs: list[Annotated[int, Field(ge=0, le=23)]] = Field(
+        default_factory=lambda: [7], min_length=1, description="PCRs the disk key is sealed to (7: Secure Boot state)"
+    )
+    tpm2_pin: bool = Field(default=False, description="also ask for a PIN at every boot")
+
+
 class EdgeProfile(Strict):
     name: Name
     departments: list[Name] = Field(min_length=1)
@@ -312,6 +325,7 @@ class EdgeProfile(Strict):
         default=2000, ge=0, le=200_000, description="knowledge precomputed as llama.cpp state (0 = none)"
     )
     extra_packages: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]] = Field(default_factory=list)
+    image: EdgeImageOptions = Field(default_factory=lambda: EdgeImageOptions())
 
 
 class Licensing(Strict):
@@ -328,13 +342,29 @@ class Rbac(Strict):
     policy_file: Pathname
 
 
-class BundleSigning(Strict):
-    """Air-gapped bundles (`appliance bundle`): the key that signs them lives in Vault; the public key verifies."""
+class SigningKey(Strict):
+    """An Ed25519 signing key: the private key lives in Vault (KV), the public key file verifies."""
 
-    signing_key_vault_path: str = Field(
-        default="membria/bundle-signing", min_length=1, description="Vault KV path of the Ed25519 signing key"
-    )
-    public_key_file: Pathname = Field(description="the public key `bundle verify` and `core apply --bundle` trust")
+    signing_key_vault_path: str = Field(min_length=1, description="Vault KV path of the Ed25519 signing key")
+    public_key_file: Pathname = Field(description="the public key that verification trusts")
+
+
+class BundleSigning(SigningKey):
+    """Air-gapped bundles (`appliance bundle`): `bundle verify` and `core apply --bundle` trust its public key."""
+
+    signing_key_vault_path: str = Field(default="membria/bundle-signing", min_length=1)
+
+
+class EdgeImageSigning(SigningKey):
+    """Edge images (`appliance edge build`): `edge verify` and `edge flash` trust its public key."""
+
+    signing_key_vault_path: str = Field(default="membria/edge-image-signing", min_length=1)
+
+
+class EdgeImages(Strict):
+    """Edge images: the key that signs them (not the bundle key: the two are rotated apart)."""
+
+    signing: EdgeImageSigning
 
 
 # --- disaster recovery -----------------------------------------------------------------------------
@@ -457,6 +487,7 @@ class Site(Strict):
     licensing: Licensing
     rbac: Rbac
     bundle: BundleSigning | None = None
+    edge: EdgeImages | None = None
     dr: Dr = Field(default_factory=Dr)
     lab: Lab = Field(default_factory=Lab)
 

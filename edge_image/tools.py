@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from edge_image.errors import ImageError, ImageMissingTool
@@ -16,6 +17,7 @@ PACKAGES = {
     "mkfs.vfat": "dosfstools",
     "mcopy": "mtools",
     "mdir": "mtools",
+    "mmd": "mtools",
     "bmaptool": "bmap-tools",
     "mke2fs": "e2fsprogs",
     "e2fsck": "e2fsprogs",
@@ -45,11 +47,16 @@ def run(
     stdin: bytes | None = None,
     ok_codes: Sequence[int] = (0,),
     cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a tool with its output captured; a failure raises ImageError saying what was being done."""
+    """Run a tool with its output captured; a failure raises ImageError saying what was being done.
+
+    `env` is merged over the current environment (mtools wants MTOOLS_SKIP_CHECK, for one).
+    """
     args = [str(a) for a in argv]
     args[0] = require(args[0])
-    result = subprocess.run(args, input=stdin, capture_output=True, check=False, cwd=cwd)
+    full_env = {**os.environ, **env} if env is not None else None
+    result = subprocess.run(args, input=stdin, capture_output=True, check=False, cwd=cwd, env=full_env)
     if result.returncode not in ok_codes:
         tail = result.stderr.decode(errors="replace").strip().splitlines()[-5:]
         raise ImageError(f"{what} failed ({Path(args[0]).name} exit {result.returncode}): " + " / ".join(tail))

@@ -22,6 +22,7 @@ from appliance.cli import pki as pki_cli
 from appliance.cli import site as site_cli
 from appliance.cli.output import err_console, print_error
 from appliance.errors import ApplianceError, ExitCode
+from edge_image.errors import ImageError
 from runtime.common.yamldoc import InvalidFile
 
 app = typer.Typer(
@@ -76,6 +77,9 @@ def main() -> None:
     except ApplianceError as exc:
         print_error(exc.message, hint=exc.hint)
         sys.exit(int(exc.exit_code))
+    except ImageError as exc:  # edge_image knows nothing of ApplianceError; its exit codes are the same
+        print_error(exc.message, hint=exc.hint)
+        sys.exit(exc.exit_code)
     except InvalidFile as exc:  # runtime.common knows nothing of ApplianceError; a bad file is bad input
         print_error(exc.message)
         sys.exit(int(ExitCode.BAD_INPUT))

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from appliance.bundle.build import Reporter
 from appliance.cli.common import StateDirOption, load
 from appliance.cli.output import console, print_ok
+from appliance.cli.progress import ByteBar, byte_bar, human, totals_bar
 from appliance.errors import BadInput
 
 app = typer.Typer(
@@ -28,15 +28,6 @@ app = typer.Typer(
 )
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
-
-
 class _RichReporter(Reporter):
     """Steps as lines, pip's and apt's progress as dim details, hashing as a byte progress bar."""
 
@@ -47,48 +38,7 @@ class _RichReporter(Reporter):
         console.print(f"  [dim]{escape(text)}[/]", highlight=False)
 
     def hashing(self, total: int) -> Callable[[int], None]:
-        return _bar("sha256", total)
-
-
-class _Bar:
-    """A byte progress bar, gone once full or closed (an error midway must not leave it drawn)."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.progress = Progress(
-            TextColumn(label),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task = self.progress.add_task(label, total=total)
-        self.total, self.done, self.running = total, 0, False
-        if total > 0:
-            self.progress.start()
-            self.running = True
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        self.progress.update(self.task, advance=n)
-        if self.done >= self.total:
-            self.close()
-
-    def close(self) -> None:
-        if self.running:
-            self.progress.stop()
-            self.running = False
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-
-def _bar(label: str, total: int) -> _Bar:
-    return _Bar(label, total)
+        return byte_bar("sha256", total)
 
 
 @app.command()
@@ -157,7 +107,7 @@ def build(
     for column in ("part", "files", "size"):
         summary.add_column(column)
     for part, (count, size) in built.sizes.items():
-        summary.add_row(part, str(count), _human(size))
+        summary.add_row(part, str(count), human(size))
     console.print(summary)
     if built.manifest.skipped:
         console.print(
@@ -165,22 +115,9 @@ def build(
         )
     if part_size:
         parts_dir = out.parent / f"{out.name}-parts"
-        parts = split(out, parts_dir, part_size, _progress_bar("tar parts"))
-        print_ok(f"{len(parts)} part(s) of at most {_human(part_size)} in {parts_dir}")
+        parts = split(out, parts_dir, part_size, totals_bar("tar parts"))
+        print_ok(f"{len(parts)} part(s) of at most {human(part_size)} in {parts_dir}")
     print_ok(f"bundle {out} built and signed")
-
-
-def _progress_bar(label: str) -> Callable[[int, int], None]:
-    state: dict[str, Callable[[int], None]] = {}
-    last = [0]
-
-    def update(done: int, total: int) -> None:
-        if "bar" not in state:
-            state["bar"] = _bar(label, total)
-        state["bar"](done - last[0])
-        last[0] = done
-
-    return update
 
 
 @app.command()
@@ -215,7 +152,7 @@ def verify(
         console.print(f"trusting the public key {named} (the bundle's site file names it)")
     key = keys.trusted_key(key_site, public_key)
     total = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) if bundle.is_dir() else 0
-    with _Bar("verifying", total) as bar:
+    with ByteBar("verifying", total) as bar:
         manifest = verify_bundle(bundle, key, site, bar)
     debs, wheels = len(manifest.debs), len(manifest.wheels)
     print_ok(
@@ -232,5 +169,5 @@ def join(
     """Check every part's sha256, then unpack the bundle from its parts (carried on removable media)."""
     from appliance.bundle.parts import join as join_parts
 
-    bundle = join_parts(parts, out_parent, _progress_bar("unpacking"))
+    bundle = join_parts(parts, out_parent, totals_bar("unpacking"))
     print_ok(f"bundle unpacked to {bundle}; next: appliance bundle verify {bundle} --site SITE")

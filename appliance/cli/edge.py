@@ -1,5 +1,7 @@
 """`appliance edge ask | status | sync`: talk to the edge agent running on this laptop (or in the lab).
 
+The image commands (`keygen`, `verify`, `flash`) live in appliance/cli/edge_image.py and join this group.
+
 The agent listens on 127.0.0.1 (the site's `lab.ports.edge` in the lab) or on a unix socket; `--url` or
 `--socket` say which. Every answer says where it came from (local, core, cache) and why.
 """
@@ -15,6 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from appliance.cli import edge_image as edge_image_cli
 from appliance.cli.common import SiteOption, load
 from appliance.cli.output import console
 from appliance.errors import BadInput, CheckFailed, MissingEnvironment
@@ -23,7 +26,9 @@ app = typer.Typer(
     help=(
         "The edge agent on this laptop: ask it questions, see its state, sync its knowledge with the core.\n\n"
         "It answers from its own knowledge and model when it is confident; it escalates to the core through "
-        "the gateway when not, or when the question needs another department; sensitive questions never leave."
+        "the gateway when not, or when the question needs another department; sensitive questions never leave.\n\n"
+        "Laptop images: `keygen` (once, the signing key into Vault), `verify IMAGE` (signature, partitions, LUKS2 "
+        "header, root filesystem decrypted offline) and `flash IMAGE DISK` (mapped ranges only, read back)."
     ),
     no_args_is_help=True,
 )
@@ -153,3 +158,6 @@ def sync(
         f"pushed {report['pushed']}, pulled {report['pulled']} ({report['mode']}, {report['bytes']} bytes), "
         f"{report['invalidated_answers']} cached answers invalidated, {report['seconds']:.2f} s"
     )
+
+
+edge_image_cli.register(app)

@@ -1,0 +1,176 @@
+"""`appliance edge keygen | verify | flash`: the field technician's side of edge images.
+
+Registered on the `edge` command group (appliance/cli/edge.py) beside the agent commands. The work is done by
+`edge_image` (no site file, no Vault there); this module reads the site for keys and shows progress.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from appliance.cli.common import StateDirOption, load
+from appliance.cli.output import console, print_ok
+from appliance.cli.progress import ByteBar, human
+from appliance.errors import BadInput, CheckFailed
+from appliance.site import Site
+
+
+def _site(site_file: Path | None) -> Site | None:
+    return load(site_file) if site_file is not None else None
+
+
+def _progress() -> tuple[Callable[[str, int], Callable[[int], None]], list[ByteBar]]:
+    """A factory of byte bars for edge_image's progress callbacks, and the list to close them on error."""
+    bars: list[ByteBar] = []
+
+    def make(label: str, total: int) -> Callable[[int], None]:
+        bar = ByteBar(label, total)
+        bars.append(bar)
+        return bar
+
+    return make, bars
+
+
+def keygen(
+    site_file: Path = typer.Option(..., "--site", help="Site file (its edge.signing section names the key's places)."),
+    state_dir: Path | None = StateDirOption,
+    force: bool = typer.Option(False, "--force", help="Replace the key in Vault (old images stop verifying)."),
+) -> None:
+    """Create the Ed25519 image signing key in Vault and write its public key to edge.signing.public_key_file.
+
+    The private key never touches the disk: `edge build` reads it from Vault for the moment of signing. Give the
+    public key to field technicians out of band; `edge verify` and `edge flash` trust only it.
+    """
+    from appliance.edge import keys
+
+    site = load(site_file)
+    kid = keys.keygen(site, state_dir, force=force)
+    conf = keys.settings(site)
+    print_ok(f"edge image signing key {kid} stored in Vault at {conf.signing_key_vault_path}")
+    print_ok(f"public key written to {conf.public_key_file}")
+
+
+SiteKeyOption = typer.Option(None, "--site", help="Site file: trust its edge.signing.public_key_file.")
+PublicKeyOption = typer.Option(None, "--public-key", help="The trusted public key file (instead of --site).")
+
+
+def verify(
+    image: Path = typer.Argument(..., help="The image file (.img) or the build's output directory."),
+    site_file: Path | None = SiteKeyOption,
+    public_key: Path | None = PublicKeyOption,
+    bootstrap_key: Path | None = typer.Option(
+        None, "--bootstrap-key", help="Decrypt with this key file instead of the one on the image's ESP."
+    ),
+    fsck: bool = typer.Option(False, "--fsck", help="Also run e2fsck -fn on a decrypted copy (needs free disk)."),
+) -> None:
+    """Prove an image is the one that was signed and intact: signature, every file's sha256, the GPT, the ESP's
+    files and boot entries, the LUKS2 header (cipher, key size, PBKDF, keyslots, tokens), and the root filesystem,
+    decrypted offline with the bootstrap key and compared with the signed sha256.
+
+    Every check runs and is listed; exit 1 if any fails, 0 when all pass.
+
+    Example: appliance edge verify out/ --site examples/lab.yaml
+    """
+    from appliance.edge import keys
+    from edge_image.verify import verify as verify_image
+
+    key = keys.trusted_key(_site(site_file), public_key)
+    secret: bytes | None = None
+    if bootstrap_key is not None:
+        if not bootstrap_key.is_file():
+            raise BadInput(f"{bootstrap_key}: no such key file")
+        secret = bootstrap_key.read_bytes()
+    progress, bars = _progress()
+    try:
+        manifest, checks = verify_image(image, key, bootstrap_key=secret, fsck=fsck, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    table = Table(title=f"edge image {escape(str(image))}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        table.add_row(check.name, "[green]ok[/]" if check.ok else "[red]FAILED[/]", escape(check.detail))
+    console.print(table)
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        raise CheckFailed(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    assert manifest is not None  # every check passed, so the signature did
+    print_ok(f"image for site {manifest.site}, profile {manifest.profile}, {manifest.appliance_version}: intact")
+
+
+def flash(
+    image: Path = typer.Argument(..., help="The image file (.img) or the build's output directory."),
+    target: Path = typer.Argument(..., help="The laptop's whole disk (e.g. /dev/sdb) or a regular file."),
+    site_file: Path | None = SiteKeyOption,
+    public_key: Path | None = PublicKeyOption,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before overwriting the target."),
+    discard: bool = typer.Option(True, "--discard/--no-discard", help="Discard the whole target first."),
+    full_verify: bool = typer.Option(False, "--verify", help="Run `edge verify` on the image before writing."),
+) -> None:
+    """Write an image onto a disk: only its mapped ranges (bmaptool), each checked as read, then read back from
+    the target and compared with the block map's sha256.
+
+    Refuses a disk that is mounted, swap, held by dm/md/LVM, or that holds this system's /, /usr, /boot or /efi;
+    a partition (flash writes whole disks); a disk smaller than the image. Asks before writing unless --yes (and
+    refuses to guess when no one can answer). A regular file as TARGET is allowed (tests, later `dd`).
+
+    Example: appliance edge flash out/ /dev/sdb --site examples/lab.yaml
+    """
+    from appliance.edge import keys
+    from edge_image import flash as flasher
+    from edge_image.manifest import check_signature
+    from edge_image.verify import image_dir
+    from edge_image.verify import verify as verify_image
+    from runtime.common.signed_manifest import hash_file
+
+    key = keys.trusted_key(_site(site_file), public_key)
+    directory = image_dir(image)
+    manifest = check_signature(directory, key)
+    img, bmap_path = directory / manifest.image, directory / manifest.bmap
+    if not img.is_file() or img.stat().st_size != manifest.files[manifest.image].size:
+        raise CheckFailed(f"{img}: missing or not the signed size", hint="run `appliance edge verify` on it")
+    if not bmap_path.is_file() or hash_file(bmap_path).sha256 != manifest.files[manifest.bmap].sha256:
+        raise CheckFailed(f"{bmap_path}: not the signed block map", hint="run `appliance edge verify` on it")
+    if full_verify:
+        _, checks = verify_image(directory, key)
+        failed = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
+        if failed:
+            raise CheckFailed("the image does not verify: " + "; ".join(failed))
+        print_ok("image verified")
+    info = flasher.check_target(target, img, manifest.files[manifest.image].size)
+    what = info.kind if info.kind == "file" else " ".join(x for x in (info.model, info.transport) if x) or "disk"
+    console.print(f"target {escape(str(info.path))}: {escape(what)}, {human(info.size)}")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise BadInput("refusing to overwrite the target without confirmation", hint="pass --yes")
+        typer.confirm(f"Erase {info.path} and write {manifest.image} onto it?", abort=True)
+    bars: list[ByteBar] = []
+
+    def on_progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(ByteBar("writing", total))
+        bars[0](done - bars[0].done)
+
+    try:
+        report = flasher.flash(img, bmap_path, target, discard=discard, on_progress=on_progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    print_ok(
+        f"{human(report.mapped_bytes)} of {human(report.image_size)} written to {target} in "
+        f"{report.copy_seconds:.1f} s ({report.mb_per_s:.0f} MB/s), read back and checked in "
+        f"{report.readback_seconds:.1f} s"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(keygen)
+    app.command()(verify)
+    app.command()(flash)
