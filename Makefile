@@ -21,19 +21,21 @@ SITE ?= examples/lab.yaml
 APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates chromium chromium-driver \
 	systemd-container mmdebstrap iproute2 openssh-client apt-utils \
 	cryptsetup-bin fdisk dosfstools mtools bmap-tools cpio e2fsprogs zstd
-# pytest's markers for the tiers `make test` runs (later tiers join as they land).
-TEST_TIERS ?= unit or integration or hosts or image
+# pytest's markers for the tiers `make test` runs; `make test-slow` runs what does not fit CI's time.
+TEST_TIERS ?= (unit or integration or hosts or image) and not slow
+SLOW_TIERS ?= slow or boot
 PYTEST_ARGS ?=
 # Python trees to lint (bench/ once it exists).
 PY_DIRS := appliance runtime edge_image tests $(wildcard bench)
 
-.PHONY: help lab lab-status lab-down test lint typecheck pytest venv clean
+.PHONY: help lab lab-status lab-down test test-slow lint typecheck pytest venv clean
 
 help:
 	@echo "make lab        start the appliance on embedded defaults ($(SITE))"
 	@echo "make lab-status health of every embedded service"
 	@echo "make lab-down   stop everything the lab started"
 	@echo "make test       ruff + mypy + pytest ($(TEST_TIERS))"
+	@echo "make test-slow  the full edge image build and boot ($(SLOW_TIERS)); tens of minutes"
 
 $(STAMPS)/apt: Makefile scripts/ensure-apt.sh
 	@mkdir -p $(STAMPS)
@@ -70,6 +72,10 @@ pytest: $(STAMPS)/venv
 	$(BIN)/pytest -m "$(TEST_TIERS)" $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The full edge image build (and later its qemu boot): tens of minutes on 2 cores, so outside `make test`.
+test-slow: $(STAMPS)/venv
+	$(BIN)/pytest -m "$(SLOW_TIERS)" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(STAMPS) .pytest_cache .mypy_cache .ruff_cache

@@ -301,6 +301,14 @@ class EdgeEscalation(Strict):
     backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600)
 
 
+class EdgeImageUser(Strict):
+    """A login on the laptops of a profile: password locked, SSH public keys only."""
+
+    name: str = Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    ssh_public_keys: list[str] = Field(default_factory=list)
+    sudo: bool = False
+
+
 class EdgeImageOptions(Strict):
     """The profile's disk image (`appliance edge build`): sizes and how the laptop's TPM guards its disk."""
 
@@ -312,6 +320,10 @@ class EdgeImageOptions(Strict):
         default_factory=lambda: [7], min_length=1, description="PCRs the disk key is sealed to (7: Secure Boot state)"
     )
     tpm2_pin: bool = Field(default=False, description="also ask for a PIN at every boot")
+    users: list[EdgeImageUser] = Field(default_factory=list, description="logins on the laptop (SSH keys only)")
+    firmware_packages: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]] = Field(
+        default_factory=list, description="Debian firmware packages the laptop model needs (e.g. firmware-iwlwifi)"
+    )
 
 
 class EdgeProfile(Strict):
@@ -365,6 +377,10 @@ class EdgeImages(Strict):
     """Edge images: the key that signs them (not the bundle key: the two are rotated apart)."""
 
     signing: EdgeImageSigning
+    gateways: list[Annotated[str, Field(pattern=r"^https://[^\s/]+(:[0-9]+)?/?$")]] = Field(
+        default_factory=list,
+        description="what laptops enroll and escalate through; empty = https://gateway.<domain>:8443",
+    )
 
 
 # --- disaster recovery -----------------------------------------------------------------------------

@@ -67,6 +67,7 @@ class BuildSpec:
     initrd: str = "initrd.img"
     kernel_version: str = "image"
     luks: luks.LuksParams = field(default_factory=luks.LuksParams)
+    luks_uuid: str | None = None  # given when the tree already names it (/etc/kernel/cmdline); else made here
     packages: tuple[PackageRecord, ...] = ()
     wheels: tuple[WheelRecord, ...] = ()
     models: tuple[ModelFileRecord, ...] = ()
@@ -169,10 +170,12 @@ def assemble(
     *,
     signer: Callable[[bytes], bytes],
     report: Reporter | None = None,
+    extras: dict[str, Path] | None = None,
 ) -> ImageManifest:
     """Build the signed image into OUT (which must not exist, or be an empty directory); returns its manifest.
 
     signer: the manifest's bytes -> manifest.sig's bytes (the caller holds the key, read from Vault).
+    extras: more output files (name -> file to copy in: the SBOM, the rootfs listing), hashed into the manifest.
     """
     report = report or Reporter()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -186,6 +189,8 @@ def assemble(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        for name, source in (extras or {}).items():
+            shutil.copyfile(source, staging / name)
         manifest = _assemble_into(spec, tree, esp_tree, staging, used, report)
         data = manifest.to_bytes()
         report.step("signing the manifest (Ed25519)")
@@ -206,7 +211,7 @@ def _assemble_into(
     started = time.monotonic()
     work = staging / ".work"
     work.mkdir()
-    fs_uuid, luks_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+    fs_uuid, luks_uuid = str(uuid.uuid4()), spec.luks_uuid or str(uuid.uuid4())
     # Both keys live in memory only; luks.py hands them to cryptsetup through files on tmpfs and deletes them.
     volume_key = os.urandom(spec.luks.key_bits // 8)
     bootstrap_key = os.urandom(32)
@@ -250,7 +255,7 @@ def _assemble_into(
     report.detail(f"{block_map.mapped_bytes / MIB:.0f} MiB mapped of {block_map.image_size / MIB:.0f} MiB")
     files = {
         path.name: hash_file(path, report.progress(f"sha256 of {path.name}", path.stat().st_size))
-        for path in (image, bmap_path)
+        for path in sorted(p for p in staging.iterdir() if p.is_file())
     }
     report.detail(f"assembled in {time.monotonic() - started:.0f} s")
     p = spec.luks

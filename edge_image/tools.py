@@ -26,6 +26,9 @@ PACKAGES = {
     "blkdiscard": "util-linux",
     "losetup": "util-linux",
     "zstd": "zstd",
+    "mmdebstrap": "mmdebstrap",
+    "chroot": "coreutils",
+    "mount": "mount",
 }
 
 
@@ -48,14 +51,16 @@ def run(
     ok_codes: Sequence[int] = (0,),
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
+    clean_env: bool = False,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a tool with its output captured; a failure raises ImageError saying what was being done.
 
-    `env` is merged over the current environment (mtools wants MTOOLS_SKIP_CHECK, for one).
+    `env` is merged over the current environment (mtools wants MTOOLS_SKIP_CHECK, for one); with clean_env it is
+    the whole environment (commands inside a chroot must not see the build machine's venv or proxies).
     """
     args = [str(a) for a in argv]
     args[0] = require(args[0])
-    full_env = {**os.environ, **env} if env is not None else None
+    full_env = dict(env or {}) if clean_env else ({**os.environ, **env} if env is not None else None)
     result = subprocess.run(args, input=stdin, capture_output=True, check=False, cwd=cwd, env=full_env)
     if result.returncode not in ok_codes:
         tail = result.stderr.decode(errors="replace").strip().splitlines()[-5:]

@@ -69,7 +69,7 @@ class Need:
     sources: tuple[AptSource, ...] = field(default=())
 
 
-def _role_defaults(role: str) -> dict[str, Any]:
+def role_defaults(role: str) -> dict[str, Any]:
     path = ROLES_DIR / role / "defaults" / "main.yml"
     try:
         data = YAML(typ="safe").load(path.read_text())
@@ -83,7 +83,7 @@ def _role_defaults(role: str) -> dict[str, Any]:
 def role_default(role: str, variable: str) -> list[str]:
     """A plain list from a role's defaults; the bundle and the role then agree by construction."""
     path = ROLES_DIR / role / "defaults" / "main.yml"
-    value = _role_defaults(role).get(variable)
+    value = role_defaults(role).get(variable)
     if not isinstance(value, list) or not all(isinstance(v, str) and "{{" not in v for v in value):
         raise MissingEnvironment(f"{path}: {variable} is not a plain list of package names")
     return list(value)
@@ -96,7 +96,7 @@ def debian_sources(mirror: str = DEBIAN_MIRROR, security: str = DEBIAN_SECURITY)
     )
 
 
-def _pinned(names: tuple[str, ...]) -> list[str]:
+def pinned(names: tuple[str, ...]) -> list[str]:
     """`name==version` (with the extra the lab uses) for each name, from this distribution's own pins."""
     try:
         requires = importlib.metadata.requires(DISTRIBUTION) or []
@@ -137,7 +137,7 @@ def site_needs(site: Site, *, mirror: str = DEBIAN_MIRROR, security: str = DEBIA
     python = [DISTRIBUTION]
     for backend, names in EMBEDDED_PYTHON.items():
         if site.embedded[backend]:
-            python += _pinned(names)
+            python += pinned(names)
     needs.append(Need("runtime", "wheels", tuple(python), "the runtime venv: gateway, core server, DR agent"))
 
     if _has_gpus(site) and not site.embedded["llm"]:
@@ -154,11 +154,11 @@ def site_needs(site: Site, *, mirror: str = DEBIAN_MIRROR, security: str = DEBIA
 
 
 def _llm_default(variable: str) -> str:
-    return str(_role_defaults("llm")[variable])
+    return str(role_defaults("llm")[variable])
 
 
 def _nvidia_need() -> Need:
-    data = _role_defaults("nvidia")
+    data = role_defaults("nvidia")
     flavors = data["nvidia_driver_packages"]
     packages = [
         *flavors["open"],

@@ -1,4 +1,4 @@
-"""`appliance edge keygen | verify | flash`: the field technician's side of edge images.
+"""`appliance edge keygen | build | verify | flash`: the field technician's side of edge images.
 
 Registered on the `edge` command group (appliance/cli/edge.py) beside the agent commands. The work is done by
 `edge_image` (no site file, no Vault there); this module reads the site for keys and shows progress.
@@ -19,6 +19,7 @@ from appliance.cli.output import console, print_ok
 from appliance.cli.progress import ByteBar, human
 from appliance.errors import BadInput, CheckFailed
 from appliance.site import Site
+from edge_image.build import Reporter
 
 
 def _site(site_file: Path | None) -> Site | None:
@@ -54,6 +55,82 @@ def keygen(
     conf = keys.settings(site)
     print_ok(f"edge image signing key {kid} stored in Vault at {conf.signing_key_vault_path}")
     print_ok(f"public key written to {conf.public_key_file}")
+
+
+class _RichReporter(Reporter):
+    """Steps as lines, tool output as dim details, long byte work as progress bars."""
+
+    def __init__(self) -> None:
+        self.bars: list[ByteBar] = []
+
+    def step(self, text: str) -> None:
+        console.print(f"[bold]›[/] {escape(text)}")
+
+    def detail(self, text: str) -> None:
+        console.print(f"  [dim]{escape(text)}[/]", highlight=False)
+
+    def progress(self, label: str, total: int) -> Callable[[int], None]:
+        bar = ByteBar(label, total)
+        self.bars.append(bar)
+        return bar
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
+
+
+def build(
+    site_file: Path = typer.Option(..., "--site", help="Site file (edge profiles, PKI, the signing key's places)."),
+    profile: str = typer.Option(..., "--profile", help="The edge profile the image is for."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (must not exist yet)."),
+    state_dir: Path | None = StateDirOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what the image would hold; build nothing."),
+) -> None:
+    """Build a signed laptop image for one edge profile: Debian 12 with the edge agent and its model, LUKS2
+    (AES-256-XTS, argon2id) around the root filesystem, systemd-boot, and first-boot units that give each laptop
+    its own volume key and bind it to its TPM.
+
+    Needs root, the Debian and PyPI registries (the first build caches the rootfs and a portable llama.cpp build),
+    and the site's Vault (the CA chain and the signing key). Writes OUT/: the image, its block map, the manifest
+    and its signature, a CycloneDX SBOM and a listing of every file in the root filesystem.
+
+    Example: appliance edge build --site examples/lab.yaml --profile engineering-laptop -o out/
+    """
+    from appliance.edge import build as builder
+
+    site = load(site_file)
+    spec, model = builder.plan(site, profile)
+    table = Table(title=f"edge image: site {site.site.name}, profile {profile}")
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("Debian", f"{spec.debian_suite}: {len(spec.all_packages)} packages (+{len(spec.packages)} profile)")
+    table.add_row("disk", f"ESP {spec.esp_size_mb} MiB + LUKS2 root {spec.root_size_mb} MiB (grows at first boot)")
+    table.add_row("TPM2", f"PCRs {', '.join(map(str, spec.tpm2_pcrs))}" + (" + PIN" if spec.tpm2_pin else ""))
+    table.add_row("model", f"{model} -> {spec.agent['model']['path']}")
+    table.add_row("users", ", ".join(u.name for u in spec.users) or "(none: no SSH logins)")
+    table.add_row("gateways", ", ".join(spec.gateways))
+    console.print(table)
+    if dry_run:
+        print_ok("dry run: nothing built")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"{out} already exists", hint="choose a new output directory (images are never overwritten)")
+    reporter = _RichReporter()
+    try:
+        built = builder.build(site, profile, out, state_dir=state_dir, report=reporter, log=reporter.detail)
+    finally:
+        reporter.close()
+    summary = Table(title=f"built {out} in {built.seconds:.0f} s")
+    summary.add_column("stage")
+    summary.add_column("seconds", justify="right")
+    for name, seconds in built.stages.items():
+        summary.add_row(name, f"{seconds:.0f}")
+    console.print(summary)
+    m = built.manifest
+    print_ok(
+        f"{m.image}: {len(m.packages)} packages, {len(m.wheels)} wheels, signed; "
+        f"check it with `appliance edge verify {out}`"
+    )
 
 
 SiteKeyOption = typer.Option(None, "--site", help="Site file: trust its edge.signing.public_key_file.")
@@ -172,5 +249,6 @@ def flash(
 
 def register(app: typer.Typer) -> None:
     app.command()(keygen)
+    app.command()(build)
     app.command()(verify)
     app.command()(flash)

@@ -1,0 +1,97 @@
+"""The lab profile's real image, built through the CLI against the lab's OpenBao, then verified (`make test-slow`).
+
+Cold (no cached rootfs, no portable llama.cpp wheel) this takes tens of minutes on 2 cores; it is the `slow` tier.
+The boot tier boots what this builds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.bundle import sbom
+from edge_image import boot, chroot, disk, esp, rootfs
+from edge_image.manifest import ImageManifest
+from edge_image.spec import BASE_PACKAGES
+from tests.integration.vault_support import bootstrapped_vault
+
+pytestmark = [pytest.mark.image, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+APPLIANCE = str(REPO / ".venv" / "bin" / "appliance")
+PROFILE = "engineering-laptop"
+
+
+def _cli(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([APPLIANCE, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, ImageManifest]]:
+    root = tmp_path_factory.mktemp("edge-full")
+    with bootstrapped_vault(root / "lab"):
+        site = root / "lab" / "site.yaml"
+        keygen = _cli("edge", "keygen", "--site", str(site))
+        assert keygen.returncode == 0, keygen.stdout + keygen.stderr
+        out = root / "out"
+        result = _cli("edge", "build", "--site", str(site), "--profile", PROFILE, "-o", str(out))
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        manifest = ImageManifest.model_validate_json((out / "manifest.json").read_text())
+        yield site, out, manifest
+
+
+def test_the_image_verifies(built: tuple[Path, Path, ImageManifest]) -> None:
+    site, out, _ = built
+    result = _cli("edge", "verify", str(out), "--site", str(site), "--fsck")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "intact" in result.stdout and "e2fsck clean" in result.stdout
+
+
+def test_manifest_lists_what_the_image_holds(built: tuple[Path, Path, ImageManifest]) -> None:
+    _, out, manifest = built
+    packages = {p.name for p in manifest.packages}
+    assert {"systemd", "systemd-boot", "dracut", "cryptsetup-bin", "python3", "nftables"} <= packages
+    assert any(name.startswith("linux-image-") for name in packages)
+    wheels = {w.name for w in manifest.wheels}
+    assert {"membria-appliance", "llama-cpp-python", "torch", "sentence-transformers", "sqlite-vec"} <= wheels
+    assert "ansible-core" not in wheels and "boto3" not in wheels  # the control plane stays off the laptop
+    assert len(manifest.models) == 1
+    assert manifest.models[0].path.startswith("/var/lib/membria/models/") and manifest.models[0].path.endswith(".gguf")
+    document = (out / "sbom.cdx.json").read_text()
+    sbom.validate(document)
+    kinds = {
+        p["value"] for c in json.loads(document)["components"] for p in c["properties"] if p["name"].endswith("kind")
+    }
+    assert kinds == {"deb", "wheel", "model"}
+
+
+def test_listing_and_identity(built: tuple[Path, Path, ImageManifest]) -> None:
+    _, out, _ = built
+    lines = (out / "rootfs.sha256sums").read_text().splitlines()
+    paths = {line.split("  ")[-1] for line in lines}
+    assert "/opt/membria/runtime/bin/python3" in paths or any(p.startswith("/opt/membria/runtime/") for p in paths)
+    assert "/etc/membria/edge-profile.json" in paths and "/etc/systemd/system/membria-edge-agent.service" in paths
+    assert not any(p.startswith("/etc/ssh/ssh_host_") for p in paths)  # every laptop makes its own
+    machine_id = next(line for line in lines if line.endswith("  /etc/machine-id"))
+    assert machine_id.split("  ")[1] == "0"  # empty: systemd makes one per laptop at first boot
+    assert not any(p.startswith("/var/cache/apt/archives/") and p.endswith(".deb") for p in paths)
+
+
+def test_the_initrd_can_unlock_with_the_tpm(built: tuple[Path, Path, ImageManifest], tmp_path: Path) -> None:
+    """Read back from the image's ESP (not from the build's tree) and listed by the rootfs's own lsinitrd."""
+    _, out, manifest = built
+    image = out / manifest.image
+    offset = manifest.layout.partition(disk.ESP_NAME).start
+    entry = esp.read_file(image, offset, "loader/entries/firstboot-membria.conf").decode()
+    assert f"rd.luks.name={manifest.luks.uuid}=root" in entry
+    initrd_path = next(line.split()[1] for line in entry.splitlines() if line.startswith("initrd "))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(esp.read_file(image, offset, initrd_path.lstrip("/")))
+    tree = tmp_path / "root"
+    rootfs.unpack(rootfs.rootfs_tar(sorted(BASE_PACKAGES)), tree)
+    with chroot.prepared(tree):
+        assert boot.check_initrd(tree, initrd) == []
