@@ -4,7 +4,8 @@ services checked with pytest-testinfra, and a second `core apply` that reports e
 The admin machine plays the site's infrastructure: the lab's OpenBao (PKI, AppRoles, secrets; exposed on
 the test bridge by a TCP relay) and S3 server. Two variants run the same checks:
 
-- online: the node's image carries the Debian packages, and the runtime is this checkout, bound read-only;
+- online (`make test-slow`): the node's image carries the Debian packages, and the runtime is this checkout,
+  bound read-only;
 - bundle (air-gapped, issue 10): a bare Debian node with no route anywhere, provisioned by
   `core apply --bundle` from a bundle this test builds, signs and verifies with `appliance bundle`: every
   package and the runtime venv come from the bundle.
@@ -87,7 +88,9 @@ def _make_host(variant: str, network: HostNetwork) -> TestHost:
     return TestHost(unique_name("air"), network.address(11), network, packages=BARE_PACKAGES)
 
 
-@pytest.fixture(scope="module", params=["online", "bundle"])
+# The online variant runs under `make test-slow`: `make test` keeps the bundle variant (the same roles and checks,
+# plus the bundle's build, join and verify) and test_lab_core_host's online apply, to stay within CI's time.
+@pytest.fixture(scope="module", params=[pytest.param("online", marks=pytest.mark.slow), "bundle"])
 def provisioned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
     variant: str = request.param
     root = tmp_path_factory.mktemp(f"core-apply-{variant}")
