@@ -10,6 +10,10 @@ Roles and their certificates (short-lived on purpose; renewal is the vault agent
 | edge-device | a laptop's edge agent (CN=id)   | client        | 7d / 30d          |
 | admin       | an operator or auditor (CN=user)| client        | 8h / 24h          |
 
+`edge-device` roles sign a laptop's CSR at enrollment (appliance/edge/enrollment.py): they ignore the CSR's
+subject and SANs (`use_csr_common_name=false, use_csr_sans=false`), so the only name issued is the
+`common_name` the enrollment token's policy pins.
+
 A department goes into the certificate's OU. Vault roles fix the OU per role, so `issue(..., ou=D)`
 uses a role `<role>--<D>` derived from the base role on first use.
 """
@@ -160,6 +164,9 @@ class Pki:
             params.update(allow_any_name=True, enforce_hostnames=False, allow_ip_sans=False, allow_localhost=False)
         else:
             params.update(allowed_domains=[self.domain], allow_subdomains=True, allow_bare_domains=True)
+        if spec.kind == "device":
+            # A signed CSR must not smuggle in a name of its own: only the policy-pinned common_name counts.
+            params.update(use_csr_common_name=False, use_csr_sans=False)
         if ou:
             params["ou"] = [ou]
         return params
@@ -173,6 +180,18 @@ class Pki:
             return False
         self.client.secrets.pki.create_or_update_role(name, extra_params=params, mount_point=self.int_mount)
         return True
+
+    def ensure_role(self, role: str, ou: str | None = None) -> str:
+        """The Vault role for `role` (per department when `ou` is given), created or updated; returns its name."""
+        spec = ROLES.get(role)
+        if spec is None:
+            raise BadInput(f"unknown certificate role {role!r}; roles: {', '.join(ROLES)}")
+        name = f"{role}--{ou}" if ou else role
+        try:
+            self._write_role_if_changed(name, self._role_params(spec, ou))
+        except hvac.exceptions.VaultError as exc:
+            raise ServiceError(f"writing the PKI role {name} failed: {exc}") from exc
+        return name
 
     # -- issuing -------------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""`appliance edge keygen | build | verify | flash`: the field technician's side of edge images.
+"""`appliance edge keygen | build | verify | flash | enroll-token | recovery-key`: the field technician's side of
+edge images, and the admin's side of enrolling the laptops flashed with them.
 
 Registered on the `edge` command group (appliance/cli/edge.py) beside the agent commands. The work is done by
 `edge_image` (no site file, no Vault there); this module reads the site for keys and shows progress.
@@ -247,8 +248,62 @@ def flash(
     )
 
 
+def enroll_token(
+    site_file: Path = typer.Option(..., "--site", help="Site file (edge profiles, Vault, PKI, gateways)."),
+    device: str = typer.Option(..., "--device", help="The laptop's name: its certificate will be DEVICE.<domain>."),
+    profile: str | None = typer.Option(None, "--profile", help="The laptop's edge profile (its department)."),
+    ttl: str = typer.Option("72h", "--ttl", help="How long the token may be used (s, m, h or d; at most 30d)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="The token file to write (0600), for the ESP."),
+    state_dir: Path | None = StateDirOption,
+    revoke: bool = typer.Option(False, "--revoke", help="Revoke the device's outstanding token instead."),
+) -> None:
+    """Mint the one-laptop enrollment token (a Vault token: orphan, 6 uses, not renewable, allowed only to
+    escrow DEVICE's recovery key and get DEVICE.<domain> signed) and write it with the gateways to FILE.
+
+    FILE goes onto the laptop's ESP at flash time; first boot posts it to the gateway's /v1/enroll. Vault keeps
+    the token's accessor at membria/edge/devices/DEVICE; `--revoke` revokes the outstanding token by it.
+
+    Example: appliance edge enroll-token --site examples/lab.yaml --profile engineering-laptop --device lt-0042
+    -o enroll.json
+    """
+    from appliance.edge import enrollment
+
+    site = load(site_file)
+    if revoke:
+        live = enrollment.revoke(site, device=device, state_dir=state_dir)
+        print_ok(f"enrollment token of {device} revoked" if live else f"the token of {device} had already lapsed")
+        return
+    if profile is None or out is None:
+        raise BadInput("--profile and -o are required to mint a token (or pass --revoke)")
+    minted = enrollment.mint(site, profile=profile, device=device, out=out, ttl=ttl, state_dir=state_dir)
+    print_ok(
+        f"enrollment token for {minted.device} written to {minted.path} (0600); expires {minted.expires_at}; "
+        f"policy {minted.policy}, role {minted.role}"
+    )
+
+
+def recovery_key(
+    site_file: Path = typer.Option(..., "--site", help="Site file (its Vault)."),
+    device: str = typer.Option(..., "--device", help="The laptop's name."),
+    state_dir: Path | None = StateDirOption,
+) -> None:
+    """Print DEVICE's escrowed LUKS recovery key (the latest version); exit 1 if none was escrowed."""
+    from appliance.edge import enrollment
+
+    record = enrollment.recovery_key(load(site_file), device=device, state_dir=state_dir)
+    # The key itself goes to stdout alone (pipe-friendly); where it came from, to stderr.
+    print(record["recovery_key"])
+    print(
+        f"device {device}: LUKS {record.get('luks_uuid', '?')}, image {record.get('image_id', '?')}, "
+        f"escrowed {record.get('enrolled_at', '?')} (version {record['version']})",
+        file=sys.stderr,
+    )
+
+
 def register(app: typer.Typer) -> None:
     app.command()(keygen)
     app.command()(build)
     app.command()(verify)
     app.command()(flash)
+    app.command("enroll-token")(enroll_token)
+    app.command("recovery-key")(recovery_key)

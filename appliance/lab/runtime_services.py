@@ -16,9 +16,9 @@ import httpx
 
 from appliance.backends import Backends
 from appliance.lab import bootstrap
-from appliance.lab.services import EmbeddedService, Health
+from appliance.lab.services import EmbeddedService, Health, OpenBao
 from appliance.lab.state import LabState
-from appliance.site import Site
+from appliance.site import ExternalVault, Site
 from runtime.common import atomic
 from runtime.common.tls import TlsFiles, client_context
 
@@ -144,9 +144,26 @@ class Gateway(_RuntimeService):
                 "state_dir": self.state.data_dir / "gateway",
                 "audit": {"dsn": f"chdb://{backends.chdb_path()}", "hmac_key_env": AUDIT_KEY_ENV},
                 "models": [backends.llm().model],
+                "enrollment": self._enrollment(backends),
             }
         )
         self._audit_key = backends.read_secret(bootstrap.AUDIT_HMAC_PATH)["key_hex"]
+
+    def _enrollment(self, backends: Backends) -> dict[str, object]:
+        """Where POST /v1/enroll finds Vault; the gateway calls it with each laptop's own token only."""
+        vault = self.site.services.vault
+        if isinstance(vault, ExternalVault):
+            url, ca, pki_int = str(vault.url).rstrip("/"), vault.ca_file, vault.pki_int_mount
+        else:
+            bao = OpenBao(self.site, self.state)
+            url, ca, pki_int = bao.endpoint, bao.ca_file, "pki_int"
+        return {
+            "vault_url": url,
+            "vault_ca": ca,
+            "kv_mount": backends.kv_mount,
+            "pki_int_mount": pki_int,
+            "domain": self.site.site.domain,
+        }
 
     def env(self) -> dict[str, str]:
         return {AUDIT_KEY_ENV: self._audit_key}

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ).start()
     try:
         app = create_app(GatewayDeps(settings, policy, lic, seats, writer.submit, writer.has_capacity))
-        tls = uvicorn_tls_kwargs(settings.tls.files(), require_client_cert=settings.service_token_public_key is None)
+        # CERT_OPTIONAL when a route has another credential (service tokens, enrollment tokens); every other
+        # route still refuses a request that brings neither (app.authenticate).
+        optional = settings.service_token_public_key is not None or settings.enrollment is not None
+        tls = uvicorn_tls_kwargs(settings.tls.files(), require_client_cert=not optional)
         config = uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10, **tls
         )

@@ -701,4 +701,9 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         # Passed through as bytes: a snapshot can be large, and the gateway has no reason to parse it.
         return Response(result.content, status_code=result.status_code, media_type="application/json")
 
+    if settings.enrollment is not None:
+        from runtime.gateway import enrollment  # imports this module: loaded here, once create_app runs
+
+        enrollment.register(app, deps, settings.enrollment)
+
     return app

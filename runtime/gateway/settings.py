@@ -51,6 +51,19 @@ class IdempotencySettings(Frozen):
     )
 
 
+class EnrollmentSettings(Frozen):
+    """POST /v1/enroll (edge_image/DESIGN.md, "Enrollment protocol"): the gateway calls Vault with the laptop's
+    own one-time token, never with a credential of its own, so only where Vault is and how it names things."""
+
+    vault_url: str = Field(pattern=r"^https?://", description="Vault/OpenBao API address")
+    vault_ca: Path | None = Field(default=None, description="CA file for Vault's TLS (default: the system's)")
+    kv_mount: str = Field(default="secret", min_length=1)
+    pki_int_mount: str = Field(default="pki_int", min_length=1)
+    domain: str = Field(min_length=1, description="the site domain: a laptop's certificate is <device>.<domain>")
+    cert_ttl: str = Field(default="168h", pattern=r"^[0-9]+[smh]$")
+    vault_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+
 class GatewaySettings(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=1, le=65535)
@@ -67,6 +80,9 @@ class GatewaySettings(Frozen):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     core_timeout_seconds: float = Field(default=120.0, gt=0)
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
+    enrollment: EnrollmentSettings | None = Field(
+        default=None, description="serve POST /v1/enroll (the listener then accepts TLS without a client certificate)"
+    )
 
     @property
     def idempotency_path(self) -> Path:
