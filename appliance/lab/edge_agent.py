@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from appliance.backends import Backends
+from appliance.edge.spec import agent_settings
 from appliance.errors import BadInput
 from appliance.lab import bootstrap, model
 from appliance.lab.runtime_services import Gateway
@@ -71,46 +72,23 @@ class EdgeAgentService(EmbeddedService):
     def prepare(self) -> None:
         profile = lab_profile(self.site)
         cert, key = self._device_tls(profile)
-        m = profile.model
-        config = {
-            "device": LAB_DEVICE,
-            "profile": profile.name,
-            "departments": profile.departments,
-            "data_dir": str(self.data_dir),
-            "host": self.host,
-            "port": self.port,
-            "gateways": [Gateway(self.site, self.state).endpoint],
-            "core_model": Backends(self.site, self.state).llm().model,
-            "tls": {"cert": str(cert), "key": str(key), "ca": str(bootstrap.ca_chain_path(self.state))},
-            "model": {
-                "name": m.name,
-                "path": str(m.path or model.ensure_gemma()),
-                "context_tokens": m.context_tokens,
-                "threads": m.threads,
-                "temperature": m.temperature,
-                "top_p": m.top_p,
-                "max_tokens": m.max_tokens,
-                "presence_penalty": m.presence_penalty,
-            },
-            "routing": {
-                "theta": profile.routing.theta,
-                "logprob_weight": profile.routing.logprob_weight,
-                "taxonomy_file": str(profile.routing.taxonomy_file.resolve()),
-                "local_only_labels": profile.routing.local_only_labels,
-            },
-            "sync": {
-                "interval_seconds": profile.sync.interval_seconds,
-                "max_patch_bytes": profile.sync.max_patch_mb * 1024 * 1024,
-                "topics": profile.sync.topics,
-            },
-            # The lab has one gateway and wants a quick demonstration of the offline path.
-            "escalation": {
-                "retries": profile.escalation.retries,
-                "backoff_seconds": min(profile.escalation.backoff_seconds, 0.5),
-                "backoff_max_seconds": min(profile.escalation.backoff_max_seconds, 5.0),
-                "wait_seconds": 60.0,
-            },
-            "pinned_knowledge_chars": profile.pinned_knowledge_chars,
+        # The laptop image's settings (appliance/edge/spec.py), with what the lab plays: enrollment's device
+        # identity, this machine's paths and ports, and a quick demonstration of the offline path.
+        config = agent_settings(self.site, profile, str(profile.model.path or model.ensure_gemma()))
+        config["routing"]["taxonomy_file"] = str(profile.routing.taxonomy_file.resolve())
+        config.update(
+            device=LAB_DEVICE,
+            data_dir=str(self.data_dir),
+            host=self.host,
+            port=self.port,
+            gateways=[Gateway(self.site, self.state).endpoint],
+            tls={"cert": str(cert), "key": str(key), "ca": str(bootstrap.ca_chain_path(self.state))},
+        )
+        config["escalation"] = {
+            "retries": profile.escalation.retries,
+            "backoff_seconds": min(profile.escalation.backoff_seconds, 0.5),
+            "backoff_max_seconds": min(profile.escalation.backoff_max_seconds, 5.0),
+            "wait_seconds": 60.0,
         }
         if not profile.routing.taxonomy_file.is_file():
             raise BadInput(
