@@ -9,8 +9,6 @@ The tarball is generic: nothing in it depends on a site, a profile or the machin
 from __future__ import annotations
 
 import collections
-import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -22,6 +20,7 @@ from pathlib import Path
 from edge_image.errors import ImageBadInput, ImageError
 from edge_image.spec import DEBIAN_SUITE
 from edge_image.tools import require, run
+from runtime.common.file_lock import exclusive
 
 CACHE_DIR = Path(os.environ.get("MEMBRIA_EDGE_CACHE", "/var/cache/membria/edge"))
 
@@ -79,23 +78,12 @@ def tar_path(packages: Sequence[str], suite: str = DEBIAN_SUITE) -> Path:
     return CACHE_DIR / f"{suite}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.tar"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def rootfs_tar(packages: Sequence[str], suite: str = DEBIAN_SUITE, *, progress: Callable[[str], None] = _quiet) -> Path:
     """The cached rootfs tarball holding `packages` (and their dependencies), built by mmdebstrap if absent."""
     target = tar_path(packages, suite)
     if target.exists():
         return target  # only a complete tarball has this name: no need to wait behind another list's build
-    with _locked(CACHE_DIR / ".lock"):
+    with exclusive(CACHE_DIR / ".lock"):
         if target.exists():
             return target
         mmdebstrap = require("mmdebstrap")

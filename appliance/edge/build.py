@@ -8,7 +8,6 @@ removed on every exit path.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -85,9 +84,7 @@ def listing(tree: Path, out: Path) -> None:
                 st = path.lstat()
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                digest = (
-                    hashlib.sha256(path.read_bytes()).hexdigest() if st.st_size < 64 * MIB else hash_file(path).sha256
-                )
+                digest = hash_file(path).sha256
                 rel = "/" + path.relative_to(tree).as_posix()
                 handle.write(
                     f"{digest}  {st.st_size}  {stat.S_IMODE(st.st_mode):04o}  {st.st_uid}:{st.st_gid}  {rel}\n"

@@ -23,7 +23,6 @@ host key strictly instead of trusting whatever answers.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import os
@@ -31,12 +30,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import MissingEnvironment, ServiceError
+from runtime.common.file_lock import exclusive
 
 Progress = Callable[[str], None]
 
@@ -94,22 +94,11 @@ def rootfs_path(packages: Sequence[str] = ROOTFS_PACKAGES) -> Path:
     return CACHE_DIR / f"{SUITE}-{digest}.tar"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_rootfs(packages: Sequence[str] = ROOTFS_PACKAGES, progress: Progress = _quiet) -> Path:
     """The cached rootfs tarball, built by mmdebstrap if absent (about a minute). Safe across processes."""
     require_tools()
     target = rootfs_path(packages)
-    with _locked(CACHE_DIR / ".lock"):
+    with exclusive(CACHE_DIR / ".lock"):
         if target.exists():
             return target
         progress(f"building the Debian {SUITE} rootfs with mmdebstrap (once; cached in {CACHE_DIR})")
@@ -408,7 +397,7 @@ class TestHost:
 
 def free_network(prefix: str = "mbt") -> HostNetwork:
     """A new bridge on a 10.2xx.y.0/24 that no interface here uses (runs side by side), already up."""
-    with _locked(CACHE_DIR / ".network.lock"):  # pick and raise in one step, so two runs never share one
+    with exclusive(CACHE_DIR / ".network.lock"):  # pick and raise in one step, so two runs never share one
         used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=False).stdout
         for number in range(1, 2000):
             second, third = 200 + number // 250, number % 250
