@@ -23,6 +23,7 @@ from pyinfra.context import host
 from pyinfra.facts.files import File, FileContents, FindFiles, Sha256File
 from pyinfra.operations import files, server
 
+from edge_image.device import firstboot
 from edge_image.spec import ImageSpec
 
 VENV = "/opt/membria/runtime"
@@ -195,6 +196,16 @@ put(
     ),
 )
 
+# --- the laptop's own programs: first boot (re-encrypt, enroll), and their units ---------------------------------
+
+DEVICE_MODULES = (firstboot,)
+for module in DEVICE_MODULES:
+    for unit_name, content in module.UNITS.items():
+        put(f"/etc/systemd/system/{unit_name}", content)
+# Enabled below, with the others, once every unit file is in place.
+DEVICE_UNITS = tuple(unit for module in DEVICE_MODULES for unit in module.ENABLED)
+directory("/var/lib/membria/firstboot", mode="0700")
+
 # --- hardening: sysctl (the core's base role list), no core dumps, firewall, audit, updates, SSH --------------
 
 sysctl = {**spec.sysctl, "kernel.core_pattern": "|/bin/false", "fs.suid_dumpable": "0"}
@@ -300,6 +311,13 @@ put(
     "/etc/systemd/network/20-membria-wired.network",
     lines("[Match]", "Name=en* eth*", "", "[Network]", "DHCP=yes"),
 )
-for unit in (AGENT_UNIT, "nftables.service", "auditd.service", "systemd-networkd.service", "systemd-resolved.service"):
+for unit in (
+    *DEVICE_UNITS,
+    AGENT_UNIT,
+    "nftables.service",
+    "auditd.service",
+    "systemd-networkd.service",
+    "systemd-resolved.service",
+):
     unit_enabled(name=f"Enable {unit}", unit=unit)
 unit_enabled(name=f"SSH {'enabled' if ssh_open else 'disabled'}", unit="ssh.service", enabled=ssh_open)
