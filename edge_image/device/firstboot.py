@@ -455,6 +455,36 @@ def run_reencrypt(paths: Paths) -> None:
     say("the disk has its own volume key and fills the drive")
 
 
+def escrow_and_certify(
+    paths: Paths, device: Path, key_file: Path, enrollment: Enrollment, *, attempts: int | None = None
+) -> dict[str, Any]:
+    """A recovery key, escrowed through the gateway with the one-time token, and the device certificate in return.
+
+    Writes the certificate, /etc/membria/edge.json and the hostname, then the `escrowed` marker; the recovery key
+    never touches the disk (a crash before the marker makes a new one next time).
+    """
+    image = json.loads((paths.etc / "image.json").read_text())
+    recovery = new_recovery_key(device, key_file)
+    fqdn = f"{enrollment.device}.{image['domain']}"
+    body = {
+        "device": enrollment.device,
+        "csr_pem": device_key_and_csr(paths, fqdn),
+        "recovery_key": recovery,
+        "luks_uuid": luks_uuid(device),
+        "tpm2_pcrs": [int(p) for p in image.get("tpm2_pcrs", [7])],
+        "image_id": f"{image['site']}/{image['profile']}/{image['version']}",
+    }
+    del recovery
+    gateways = enrollment.gateways or list(image.get("gateways", []))
+    say(f"enrolling as {fqdn} through {', '.join(gateways)}")
+    reply = enroll_with_retries(gateways, paths.tls / "ca.pem", enrollment.token, body, attempts=attempts)
+    body.clear()
+    write_identity(paths, enrollment.device, fqdn, gateways, reply)
+    escrow = reply.get("escrow") or {}
+    mark(paths, "escrowed", json.dumps({"path": escrow.get("path"), "version": escrow.get("version")}))
+    return reply
+
+
 def run_enroll(paths: Paths, *, attempts: int | None = None) -> None:
     if paths.marker("done").exists():
         say("enrolled before")
@@ -470,23 +500,7 @@ def run_enroll(paths: Paths, *, attempts: int | None = None) -> None:
     with bootstrap_key_file(paths) as key_file:
         enroll_tpm2(device, key_file, [int(p) for p in image.get("tpm2_pcrs", [7])], pin=bool(image.get("tpm2_pin")))
         if enrollment is not None:
-            recovery = new_recovery_key(device, key_file)
-            fqdn = f"{enrollment.device}.{image['domain']}"
-            body = {
-                "device": enrollment.device,
-                "csr_pem": device_key_and_csr(paths, fqdn),
-                "recovery_key": recovery,
-                "luks_uuid": luks_uuid(device),
-                "tpm2_pcrs": [int(p) for p in image.get("tpm2_pcrs", [7])],
-                "image_id": f"{image['site']}/{image['profile']}/{image['version']}",
-            }
-            gateways = enrollment.gateways or list(image.get("gateways", []))
-            say(f"enrolling as {fqdn} through {', '.join(gateways)}")
-            reply = enroll_with_retries(gateways, paths.tls / "ca.pem", enrollment.token, body, attempts=attempts)
-            del recovery, body
-            write_identity(paths, enrollment.device, fqdn, gateways, reply)
-            escrow = reply.get("escrow") or {}
-            mark(paths, "escrowed", json.dumps({"path": escrow.get("path"), "version": escrow.get("version")}))
+            escrow_and_certify(paths, device, key_file, enrollment, attempts=attempts)
             with contextlib.suppress(OSError, ImageError):
                 tools.run(["hostname", enrollment.device], what="setting the hostname")
     killed = finish(paths, device)
