@@ -1,13 +1,17 @@
 """Write an image to a laptop's disk (or a regular file) through bmaptool, then prove it by reading every range back.
 
 bmaptool copies only the mapped ranges and checks the image's bytes against the bmap as it reads them; it does not
-check the target, show usable progress or read back. This module adds those and copies nothing itself.
+check the target, show usable progress or read back. This module adds those and copies nothing itself. With an
+enrollment file (`appliance edge enroll-token`'s), it then puts that file into the target's ESP with mtools and reads
+it back; the file is checked before anything is written, and its token is never shown.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import ipaddress
+import json
 import mmap
 import os
 import re
@@ -15,14 +19,15 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from edge_image import bmap, tools
+from edge_image import bmap, disk, esp, tools
 from edge_image.errors import ImageBadInput, ImageCheckFailed, ImageError
 
 Progress = Callable[[int, int], None]
@@ -33,6 +38,15 @@ _CHUNK = 4 << 20
 _ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size; 4 KiB covers 512 too
 _POLL_S = 0.2
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+ENROLLMENT_PATH = "membria/enroll.json"  # on the ESP: first boot posts its token (DESIGN.md, "Enrollment protocol")
+ENROLLMENT_FORMAT = 1
+_ENROLLMENT_MAX_BYTES = 64 << 10
+# appliance/edge/enrollment.py's device-name rule (edge_image cannot import appliance); mint checks its own output
+# against EnrollmentFile, so the two cannot drift apart unnoticed.
+_DEVICE_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+_HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_MINT_HINT = "mint a new one with `appliance edge enroll-token`"
 
 
 class TargetInfo(BaseModel):
@@ -59,6 +73,185 @@ class FlashReport(BaseModel):
     copy_seconds: float
     readback_seconds: float
     mb_per_s: float
+    enrollment: str | None = None  # the ESP path the enrollment file was written to and read back from
+
+
+# --- the enrollment file ------------------------------------------------------------------------------------------
+
+
+def check_hostname(name: str) -> str:
+    """A host name as /etc/hosts takes it (RFC 1123: dot-separated labels of letters, digits and '-', at most 253
+    characters, not all-digit at the end), lower-cased; ValueError otherwise."""
+    folded = name.lower()
+    labels = folded.split(".")
+    if len(folded) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"{name!r} is not a host name (dot-separated labels of letters, digits and '-', 1-63 characters each, "
+            "no '-' at either end of a label)"
+        )
+    if labels[-1].isdigit():
+        raise ValueError(f"{name!r} is not a host name (its last label is all digits: an address?)")
+    return folded
+
+
+def check_address(address: str) -> str:
+    """An IPv4 or IPv6 address in its canonical spelling; ValueError otherwise (a zone such as %eth0 too: it names
+    an interface of this machine, not of the laptop)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"{address!r} is not an IPv4 or IPv6 address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        raise ValueError(f"{address!r} carries an interface zone; give the address alone")
+    return str(ip)
+
+
+def check_resolve(entries: Mapping[str, str]) -> dict[str, str]:
+    """The enrollment file's `resolve` (host name -> address, for the laptop's /etc/hosts), checked and canonical."""
+    out: dict[str, str] = {}
+    for name, address in entries.items():
+        host = check_hostname(name)
+        if host in out:
+            raise ValueError(f"{name!r} is given twice")
+        out[host] = check_address(address)
+    return out
+
+
+class EnrollmentFile(BaseModel):
+    """`appliance edge enroll-token`'s file as flash checks it before writing it onto the ESP. The token is a
+    SecretStr, so no repr, log line or error message can show it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal[1]
+    site: str = Field(min_length=1)
+    device: str = Field(pattern=_DEVICE_NAME)
+    token: SecretStr = Field(min_length=1)
+    expires_at: AwareDatetime
+    gateways: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    resolve: dict[str, str] | None = None
+
+    @field_validator("resolve")
+    @classmethod
+    def _resolve(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else check_resolve(value)
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """A checked enrollment file: its exact bytes (what goes onto the ESP) and what they say."""
+
+    source: Path
+    data: bytes = field(repr=False)
+    file: EnrollmentFile
+
+    @property
+    def device(self) -> str:
+        return self.file.device
+
+    @property
+    def expires(self) -> str:
+        return _when(self.file.expires_at)
+
+    def check_unexpired(self, now: datetime | None = None) -> None:
+        moment = now or datetime.now(UTC)
+        if self.file.expires_at <= moment:
+            raise ImageBadInput(
+                f"{self.source}: the enrollment token of {self.device} expired at {self.expires}", hint=_MINT_HINT
+            )
+
+
+def check_enrollment(data: bytes, *, source: Path, site: str | None = None, now: datetime | None = None) -> Enrollment:
+    """Check an enrollment file's bytes: JSON, format, fields, device name, not expired and, when `site` is given, for
+    that site. ImageBadInput (exit 2) names the file and the field; no message quotes a value of the file."""
+    try:
+        doc = json.loads(data.decode("utf-8"))  # json.loads(bytes) would take UTF-16 and UTF-32 too
+    except UnicodeDecodeError:
+        raise ImageBadInput(f"{source}: not an enrollment file (not UTF-8 text)", hint=_MINT_HINT) from None
+    except json.JSONDecodeError as exc:
+        raise ImageBadInput(
+            f"{source}: not an enrollment file (not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno})",
+            hint=_MINT_HINT,
+        ) from None
+    if not isinstance(doc, dict):
+        raise ImageBadInput(f"{source}: not an enrollment file (a JSON object is expected)", hint=_MINT_HINT)
+    if doc.get("format") != ENROLLMENT_FORMAT:
+        raise ImageBadInput(
+            f"{source}: field format: this version reads enrollment files of format {ENROLLMENT_FORMAT} only",
+            hint=_MINT_HINT,
+        )
+    try:
+        parsed = EnrollmentFile.model_validate(doc)
+    except ValidationError as exc:
+        # errors()'s msg, never its input: the input could be the token
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise ImageBadInput(f"{source}: field {where}: {first['msg']}", hint=_MINT_HINT) from None
+    enrollment = Enrollment(source, data, parsed)
+    enrollment.check_unexpired(now)
+    if site is not None and parsed.site != site:
+        raise ImageBadInput(
+            f"{source}: the enrollment token of {parsed.device} is for site {parsed.site!r}, the image for {site!r}",
+            hint="mint the token on the image's site",
+        )
+    return enrollment
+
+
+def load_enrollment(path: Path, *, site: str | None = None, now: datetime | None = None) -> Enrollment:
+    """Read an enrollment file and check it (check_enrollment)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageBadInput(f"{path}: no such enrollment file", hint=_MINT_HINT) from None
+    except OSError as exc:
+        raise ImageBadInput(f"cannot read the enrollment file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageBadInput(f"{path}: the enrollment file is not a regular file")
+    if st.st_size > _ENROLLMENT_MAX_BYTES:
+        raise ImageBadInput(f"{path}: {st.st_size} bytes is too large for an enrollment file", hint=_MINT_HINT)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageBadInput(f"cannot read the enrollment file {path}: {exc.strerror}") from None
+    return check_enrollment(data, source=path, site=site, now=now)
+
+
+def esp_offset(image: Path) -> int:
+    """Where the image's ESP starts (bytes); ImageBadInput if the image has none."""
+    try:
+        return disk.read_table(image).partition(disk.ESP_NAME).start
+    except ImageCheckFailed as exc:
+        raise ImageBadInput(f"{image}: {exc.message}; an enrollment file goes onto the image's ESP") from None
+
+
+def write_enrollment(target: Path, offset: int, enrollment: Enrollment) -> float:
+    """Write the enrollment file into the ESP at `offset` of TARGET as membria/enroll.json, then read it back from the
+    disk (flushed, page cache dropped) and compare it byte for byte; ImageCheckFailed if it differs. The seconds."""
+    start = time.monotonic()
+    try:
+        block = stat.S_ISBLK(os.stat(target).st_mode)
+    except OSError as exc:
+        raise ImageBadInput(f"cannot stat {target}: {exc.strerror}") from exc
+    # On a disk our exclusive claim is held throughout: mtools opens the device without O_EXCL, and nothing can mount
+    # the ESP meanwhile. The descriptor also serves to flush and drop the cache before the read-back.
+    fd = _claim(target, os.O_RDONLY) if block else os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        esp.write_file(target, offset, ENROLLMENT_PATH, enrollment.data)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        back = esp.read_file(target, offset, ENROLLMENT_PATH)
+    finally:
+        os.close(fd)
+    if back != enrollment.data:
+        raise ImageCheckFailed(
+            f"{ENROLLMENT_PATH} read back from the ESP of {target} is not {enrollment.source} "
+            f"({len(back)} bytes read, {len(enrollment.data)} written)"
+        )
+    return time.monotonic() - start
 
 
 @dataclass(frozen=True)
@@ -288,10 +481,12 @@ def flash(
     discard: bool = True,
     on_progress: Progress | None = None,
     on_readback: Progress | None = None,
+    enrollment: Enrollment | None = None,
     proc: Path = Path("/proc"),
     sys: Path = Path("/sys"),
 ) -> FlashReport:
-    """Check the target, discard it, copy the mapped ranges with bmaptool and read every one back."""
+    """Check the target, discard it, copy the mapped ranges with bmaptool and read every one back; then, given an
+    enrollment file (load_enrollment), write it into the target's ESP and read it back."""
     bm = bmap.parse(bmap_path)
     if not image.is_file():
         raise ImageBadInput(f"image {image} is not a regular file")
@@ -299,6 +494,12 @@ def flash(
     if size != bm.image_size:
         raise ImageBadInput(f"{image} is {size} bytes but {bmap_path} describes an image of {bm.image_size}")
     tools.require("bmaptool")
+    offset = None
+    if enrollment is not None:
+        # before the target is touched: a token that lapsed while the user confirmed, an image without an ESP
+        enrollment.check_unexpired()
+        tools.require("mcopy")
+        offset = esp_offset(image)
     info = check_target(target, image, bm.image_size, proc=proc, sys=sys)
     if info.kind == "block":
         # Held through the checks and the discard. bmaptool opens the disk O_EXCL itself and the kernel allows one
@@ -316,6 +517,8 @@ def flash(
         os.truncate(target, bm.image_size)
     copy_seconds = _copy(image, bmap_path, target, bm.mapped_bytes, on_progress)
     readback_seconds = read_back(target, bm, on_progress=on_readback)
+    if enrollment is not None and offset is not None:
+        write_enrollment(target, offset, enrollment)
     return FlashReport(
         target=info,
         mapped_bytes=bm.mapped_bytes,
@@ -323,6 +526,7 @@ def flash(
         copy_seconds=copy_seconds,
         readback_seconds=readback_seconds,
         mb_per_s=bm.mapped_bytes / max(copy_seconds, 1e-9) / 1e6,
+        enrollment=ENROLLMENT_PATH if enrollment is not None else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""`appliance edge keygen | build | verify | flash | enroll-token | recovery-key`: the field technician's side of
+"""`appliance edge keygen | build | verify | flash | enroll-token | recovery-key | wipe`: the field technician's side of
 edge images, and the admin's side of enrolling the laptops flashed with them.
 
 Registered on the `edge` command group (appliance/cli/edge.py) beside the agent commands. The work is done by
@@ -191,9 +191,18 @@ def flash(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before overwriting the target."),
     discard: bool = typer.Option(True, "--discard/--no-discard", help="Discard the whole target first."),
     full_verify: bool = typer.Option(False, "--verify", help="Run `edge verify` on the image before writing."),
+    enrollment_file: Path | None = typer.Option(
+        None,
+        "--enrollment",
+        help="The laptop's token file from `edge enroll-token`: put into the ESP as membria/enroll.json and read back.",
+    ),
 ) -> None:
     """Write an image onto a disk: only its mapped ranges (bmaptool), each checked as read, then read back from
     the target and compared with the block map's sha256.
+
+    With --enrollment FILE, the file is checked first (format, device name, not expired, the image's site) and,
+    after the read-back, written into the target's ESP as membria/enroll.json, read back and compared; first boot
+    enrolls the laptop with it. Its token is never shown.
 
     Refuses a disk that is mounted, swap, held by dm/md/LVM, or that holds this system's /, /usr, /boot or /efi;
     a partition (flash writes whole disks); a disk smaller than the image. Asks before writing unless --yes (and
@@ -216,6 +225,10 @@ def flash(
         raise CheckFailed(f"{img}: missing or not the signed size", hint="run `appliance edge verify` on it")
     if not bmap_path.is_file() or hash_file(bmap_path).sha256 != manifest.files[manifest.bmap].sha256:
         raise CheckFailed(f"{bmap_path}: not the signed block map", hint="run `appliance edge verify` on it")
+    enrollment = None
+    if enrollment_file is not None:
+        enrollment = flasher.load_enrollment(enrollment_file, site=manifest.site)
+        console.print(f"enrollment: device {escape(enrollment.device)}, token expires {enrollment.expires}")
     if full_verify:
         _, checks = verify_image(directory, key)
         failed = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
@@ -228,7 +241,8 @@ def flash(
     if not yes:
         if not sys.stdin.isatty():
             raise BadInput("refusing to overwrite the target without confirmation", hint="pass --yes")
-        typer.confirm(f"Erase {info.path} and write {manifest.image} onto it?", abort=True)
+        with_enrollment = f" with the enrollment of {enrollment.device}" if enrollment is not None else ""
+        typer.confirm(f"Erase {info.path} and write {manifest.image}{with_enrollment} onto it?", abort=True)
     bars: list[ByteBar] = []
 
     def on_progress(done: int, total: int) -> None:
@@ -237,7 +251,7 @@ def flash(
         bars[0](done - bars[0].done)
 
     try:
-        report = flasher.flash(img, bmap_path, target, discard=discard, on_progress=on_progress)
+        report = flasher.flash(img, bmap_path, target, discard=discard, on_progress=on_progress, enrollment=enrollment)
     finally:
         for bar in bars:
             bar.close()
@@ -246,6 +260,11 @@ def flash(
         f"{report.copy_seconds:.1f} s ({report.mb_per_s:.0f} MB/s), read back and checked in "
         f"{report.readback_seconds:.1f} s"
     )
+    if enrollment is not None:
+        print_ok(
+            f"enrollment of {enrollment.device} (expires {enrollment.expires}) written to the ESP as "
+            f"{report.enrollment}, read back and checked"
+        )
 
 
 def enroll_token(
@@ -256,30 +275,50 @@ def enroll_token(
     out: Path | None = typer.Option(None, "-o", "--out", help="The token file to write (0600), for the ESP."),
     state_dir: Path | None = StateDirOption,
     revoke: bool = typer.Option(False, "--revoke", help="Revoke the device's outstanding token instead."),
+    resolve: list[str] | None = typer.Option(
+        None,
+        "--resolve",
+        metavar="NAME=ADDR",
+        help="Goes into FILE for the laptop's /etc/hosts, where it cannot resolve NAME (lab, boot test); repeatable.",
+    ),
 ) -> None:
     """Mint the one-laptop enrollment token (a Vault token: orphan, 6 uses, not renewable, allowed only to
     escrow DEVICE's recovery key and get DEVICE.<domain> signed) and write it with the gateways to FILE.
 
     FILE goes onto the laptop's ESP at flash time; first boot posts it to the gateway's /v1/enroll. Vault keeps
     the token's accessor at membria/edge/devices/DEVICE; `--revoke` revokes the outstanding token by it.
+    `--resolve NAME=ADDR` (host name, IPv4 or IPv6 address) adds FILE's `resolve`, which first boot writes to
+    /etc/hosts.
 
     Example: appliance edge enroll-token --site examples/lab.yaml --profile engineering-laptop --device lt-0042
     -o enroll.json
     """
     from appliance.edge import enrollment
 
+    hosts: dict[str, str] = {}
+    for item in resolve or []:
+        name, sep, address = item.partition("=")
+        if not sep or not name.strip() or not address.strip():
+            raise BadInput(f"--resolve {item!r}: expected NAME=ADDR, e.g. gateway.lab.membria=10.0.0.5")
+        if name.strip() in hosts:
+            raise BadInput(f"--resolve names {name.strip()!r} twice")
+        hosts[name.strip()] = address.strip()
     site = load(site_file)
     if revoke:
+        if hosts:
+            raise BadInput("--resolve goes with minting a token, not with --revoke")
         live = enrollment.revoke(site, device=device, state_dir=state_dir)
         print_ok(f"enrollment token of {device} revoked" if live else f"the token of {device} had already lapsed")
         return
     if profile is None or out is None:
         raise BadInput("--profile and -o are required to mint a token (or pass --revoke)")
-    minted = enrollment.mint(site, profile=profile, device=device, out=out, ttl=ttl, state_dir=state_dir)
+    minted = enrollment.mint(site, profile=profile, device=device, out=out, ttl=ttl, state_dir=state_dir, resolve=hosts)
     print_ok(
         f"enrollment token for {minted.device} written to {minted.path} (0600); expires {minted.expires_at}; "
         f"policy {minted.policy}, role {minted.role}"
     )
+    if minted.resolve:
+        print_ok("resolve (first boot's /etc/hosts): " + ", ".join(f"{n} {a}" for n, a in minted.resolve.items()))
 
 
 def recovery_key(
@@ -300,6 +339,96 @@ def recovery_key(
     )
 
 
+def wipe(
+    site_file: Path = typer.Option(..., "--site", help="Site file (its Vault and PKI)."),
+    device: str = typer.Option(..., "--device", help="The laptop's name (its certificate is DEVICE.<domain>)."),
+    reason: str | None = typer.Option(None, "--reason", help="Why (stored with the command and audited)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be done; change nothing."),
+    cancel: bool = typer.Option(False, "--cancel", help="Take DEVICE off the wipe list instead."),
+    state_dir: Path | None = StateDirOption,
+) -> None:
+    """Order a laptop to destroy its disk keys: put DEVICE on the wipe list (Vault KV membria/edge/wipe-list,
+    check-and-set) and revoke its certificates and any outstanding enrollment token.
+
+    The laptop's guard polls the gateway every minute with its device certificate; for a device on the wipe
+    list the gateway answers even though that certificate is revoked (there only). The guard acks, erases
+    every LUKS keyslot (cryptsetup luksErase) and powers off: after that not even the escrowed recovery key
+    opens the disk. Running it again changes nothing (the first command id is kept); `--cancel` takes the
+    device off the list before it has picked the command up (its certificates stay revoked). Asks before
+    acting unless --yes (and refuses to guess when no one can answer).
+
+    Example: appliance edge wipe --site examples/lab.yaml --device lt-0042 --reason "stolen 2026-11-20"
+    """
+    from appliance.edge import wipe as wiper
+
+    site = load(site_file)
+    if cancel:
+        if reason is not None:
+            raise BadInput("--reason goes with a wipe, not with --cancel")
+        with console.status(f"reading the wipe list for {device}"):
+            removed = wiper.cancel(site, device=device, dry_run=dry_run, state_dir=state_dir)
+        if removed is None:
+            print_ok(f"{device} is not on the wipe list: nothing to cancel")
+        elif dry_run:
+            print_ok(f"dry run: would take {device} off the wipe list (command {removed.get('id')})")
+        else:
+            print_ok(
+                f"{device} taken off the wipe list (command {removed.get('id')}); its certificates stay revoked: "
+                "enroll it again with a fresh token. A laptop that already acked (see the audit log) is wiped."
+            )
+        return
+    if reason is None:
+        raise BadInput("--reason is required: say why the laptop is wiped")
+    with console.status(f"looking up {device} in Vault (wipe list, certificates, enrollment token)"):
+        wanted = wiper.plan(site, device=device, reason=reason, state_dir=state_dir)
+    table = Table(title=f"wipe {wanted.device} ({wanted.common_name})")
+    table.add_column("what")
+    table.add_column("now")
+    table.add_column("action", overflow="fold")
+    if wanted.listed is None:
+        table.add_row("wipe list", "not listed", f"add, reason: {escape(wanted.reason)}")
+    else:
+        listed = wanted.listed
+        table.add_row(
+            "wipe list",
+            f"listed since {escape(str(listed.get('requested_at', '?')))}",
+            f"keep command {escape(str(listed.get('id', '?')))} ({escape(str(listed.get('reason', '')))})",
+        )
+    for cert in wanted.certificates:
+        state = "revoked" if cert.revoked else ("expired" if not cert.live else "valid")
+        table.add_row(f"certificate {cert.serial}", state, "revoke" if cert.live else "-")
+    if not wanted.certificates:
+        table.add_row("certificates", "none issued", "- (the laptop has not enrolled: it cannot poll)")
+    token = wanted.token_accessor is not None
+    table.add_row("enrollment token", "outstanding" if token else "none", "revoke" if token else "-")
+    console.print(table)
+    if wanted.nothing_to_do:
+        print_ok(f"{device} is already on the wipe list and revoked: nothing to do")
+        if dry_run:
+            return
+    if dry_run:
+        print_ok("dry run: nothing changed")
+        return
+    if not yes and not wanted.nothing_to_do:
+        if not sys.stdin.isatty():
+            raise BadInput("refusing to wipe a laptop without confirmation", hint="pass --yes")
+        typer.confirm(f"Wipe {device}? Its disk becomes unreadable, recovery key included.", abort=True)
+    with console.status(f"listing {device} and revoking its certificates"):
+        done = wiper.request(site, wanted, state_dir=state_dir)
+    entry = done.entry
+    if done.added:
+        print_ok(f"{device} is on the wipe list (command {entry['id']}, version {done.list_version})")
+    else:
+        print_ok(f"{device} was already on the wipe list since {entry.get('requested_at')} (command {entry['id']})")
+    if done.revoked:
+        print_ok(f"revoked certificate(s): {', '.join(done.revoked)}")
+    if done.token_revoked:
+        print_ok("the outstanding enrollment token is revoked")
+    for path in done.rendered:
+        console.print(f"  [dim]lab: rendered {escape(str(path))} for the gateway[/]", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(keygen)
     app.command()(build)
@@ -307,3 +436,4 @@ def register(app: typer.Typer) -> None:
     app.command()(flash)
     app.command("enroll-token")(enroll_token)
     app.command("recovery-key")(recovery_key)
+    app.command("wipe")(wipe)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import hvac
 import hvac.exceptions
+import pydantic
 import requests
 
 from appliance.edge import spec
@@ -26,6 +28,7 @@ from appliance.errors import BadInput, CheckFailed, ServiceError
 from appliance.pki import Pki
 from appliance.signing_keys import backends
 from appliance.site import Site
+from edge_image import flash
 from runtime.common import atomic
 
 DEVICE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -93,6 +96,7 @@ class MintedToken:
     accessor: str
     expires_at: str
     gateways: list[str] = field(default_factory=list)
+    resolve: dict[str, str] = field(default_factory=dict)
 
 
 def _vault_error(what: str, exc: Exception) -> ServiceError:
@@ -121,10 +125,23 @@ def _revoke_accessor(client: hvac.Client, accessor: str) -> bool:
 
 
 def mint(
-    site: Site, *, profile: str, device: str, out: Path, ttl: str = DEFAULT_TTL, state_dir: Path | None = None
+    site: Site,
+    *,
+    profile: str,
+    device: str,
+    out: Path,
+    ttl: str = DEFAULT_TTL,
+    state_dir: Path | None = None,
+    resolve: Mapping[str, str] | None = None,
 ) -> MintedToken:
+    """Mint DEVICE's token and write FILE (0600). `resolve` (host name -> address) goes into FILE for the laptop's
+    /etc/hosts, where its network cannot resolve the gateway's name (lab, boot test)."""
     check_device(device)
     seconds = parse_ttl(ttl)
+    try:
+        hosts = flash.check_resolve(resolve or {})
+    except ValueError as exc:
+        raise BadInput(f"--resolve: {exc}", hint="NAME=ADDR, e.g. gateway.lab.membria=10.0.0.5") from None
     prof = spec.profile(site, profile)
     department = prof.departments[0]  # the role's OU: a certificate names one department (appliance/pki.py)
     if out.exists() and out.is_dir():
@@ -187,8 +204,15 @@ def mint(
         "expires_at": expires_at,
         "gateways": gateways,
     }
+    if hosts:
+        document["resolve"] = hosts
+    try:  # FILE is what `edge flash --enrollment` accepts, or there is a bug here
+        flash.EnrollmentFile.model_validate(document)
+    except pydantic.ValidationError as exc:  # its text would quote the token: never chained, never logged
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+        raise CheckFailed(f"the token file for {device} would not pass `edge flash`: field {where}") from None
     atomic.write_text(out, json.dumps(document, indent=2) + "\n", mode=0o600)
-    return MintedToken(out, device, name, role, accessor, expires_at, gateways)
+    return MintedToken(out, device, name, role, accessor, expires_at, gateways, hosts)
 
 
 def revoke(site: Site, *, device: str, state_dir: Path | None = None) -> bool:

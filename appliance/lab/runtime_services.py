@@ -35,6 +35,12 @@ def service_tls(state: LabState, name: str) -> TlsFiles:
     return TlsFiles(cert=cert, key=key, ca=bootstrap.ca_chain_path(state))
 
 
+def wipe_list_path(state: LabState) -> Path:
+    """The gateway's wipe list, which the lab renders from KV as a Vault agent would (appliance/edge/wipe.py):
+    at `lab up` and on every `appliance edge wipe`."""
+    return state.root / "config" / "wipe-list.json"
+
+
 class _RuntimeService(EmbeddedService):
     start_timeout = 180.0  # the core server loads the embedding model first
 
@@ -145,8 +151,10 @@ class Gateway(_RuntimeService):
                 "audit": {"dsn": f"chdb://{backends.chdb_path()}", "hmac_key_env": AUDIT_KEY_ENV},
                 "models": [backends.llm().model],
                 "enrollment": self._enrollment(backends),
+                "device_commands": {"domain": self.site.site.domain, "wipe_list": wipe_list_path(self.state)},
             }
         )
+        self._render_wipe_list(backends)
         self._audit_key = backends.read_secret(bootstrap.AUDIT_HMAC_PATH)["key_hex"]
 
     def _enrollment(self, backends: Backends) -> dict[str, object]:
@@ -164,6 +172,13 @@ class Gateway(_RuntimeService):
             "pki_int_mount": pki_int,
             "domain": self.site.site.domain,
         }
+
+    def _render_wipe_list(self, backends: Backends) -> None:
+        """KV membria/edge/wipe-list -> the gateway's wipe list (what the Vault agent does on a rack)."""
+        from appliance.edge import wipe
+
+        data, _ = wipe.read_list(backends.vault(), backends.kv_mount)
+        wipe.render(wipe_list_path(self.state), data)
 
     def env(self) -> dict[str, str]:
         return {AUDIT_KEY_ENV: self._audit_key}

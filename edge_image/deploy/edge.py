@@ -23,7 +23,7 @@ from pyinfra.context import host
 from pyinfra.facts.files import File, FileContents, FindFiles, Sha256File
 from pyinfra.operations import files, server
 
-from edge_image.device import firstboot
+from edge_image.device import firstboot, guard
 from edge_image.spec import ImageSpec
 
 VENV = "/opt/membria/runtime"
@@ -198,7 +198,14 @@ put(
 
 # --- the laptop's own programs: first boot (re-encrypt, enroll), and their units ---------------------------------
 
-DEVICE_MODULES = (firstboot,)
+DEVICE_MODULES = (firstboot, guard)
+# The commands a local admin types (the units call the modules directly).
+for command, module_name in (("membria-edge-wipe", "wipe"), ("membria-firstboot", "firstboot")):
+    put(
+        f"/usr/local/sbin/{command}",
+        lines("#!/bin/sh", f'exec {VENV}/bin/python -m edge_image.device.{module_name} "$@"'),
+        mode="0755",
+    )
 for module in DEVICE_MODULES:
     for unit_name, content in module.UNITS.items():
         put(f"/etc/systemd/system/{unit_name}", content)

@@ -705,5 +705,9 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         from runtime.gateway import enrollment  # imports this module: loaded here, once create_app runs
 
         enrollment.register(app, deps, settings.enrollment)
+    if settings.device_commands is not None:
+        from runtime.gateway import device_commands  # imports this module too
+
+        device_commands.register(app, deps, settings.device_commands)
 
     return app

@@ -64,6 +64,18 @@ class EnrollmentSettings(Frozen):
     vault_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
 
+class DeviceCommandSettings(Frozen):
+    """GET /v1/device/commands and its ack (edge_image/DESIGN.md, "Wipe"): laptops poll for commands with their
+    certificate; a laptop on the wipe list is answered there even when its certificate is revoked."""
+
+    domain: str = Field(min_length=1, description="the site domain: a laptop's certificate is <device>.<domain>")
+    wipe_list: Path | None = Field(
+        default=None,
+        description="JSON rendered by the Vault agent from KV membria/edge/wipe-list ({devices: {name: entry}}); "
+        "re-read when it changes; absent = no device is to be wiped",
+    )
+
+
 class GatewaySettings(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=1, le=65535)
@@ -82,6 +94,9 @@ class GatewaySettings(Frozen):
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
     enrollment: EnrollmentSettings | None = Field(
         default=None, description="serve POST /v1/enroll (the listener then accepts TLS without a client certificate)"
+    )
+    device_commands: DeviceCommandSettings | None = Field(
+        default=None, description="serve GET /v1/device/commands and its ack (remote wipe of laptops)"
     )
 
     @property

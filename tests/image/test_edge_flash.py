@@ -6,15 +6,19 @@ e2fsprogs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import secrets
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from edge_image import bmap, flash
+from edge_image import bmap, disk, esp, flash
 from edge_image.errors import ImageBadInput, ImageCheckFailed
 
 pytestmark = pytest.mark.image
@@ -219,3 +223,103 @@ def test_an_image_of_another_size_is_refused(image: tuple[Path, Path, bmap.Block
     with pytest.raises(ImageBadInput, match=f"is {SIZE + 4096} bytes but .* describes an image of {SIZE}"):
         flash.flash(longer, bmap_path, tmp_path / "laptop.img")
     assert not (tmp_path / "laptop.img").exists()
+
+
+# --- the enrollment file on the ESP (DESIGN.md, "Block map and flash", step 5) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    """A small disk image as a build lays it out: GPT, a 64 MiB FAT32 ESP with a loader.conf, a 1 MiB root."""
+    work = tmp_path_factory.mktemp("flash-gpt")
+    img = work / "edge.img"
+    part = disk.write_table(img, disk.plan(64 * MiB, MiB)).partition(disk.ESP_NAME)
+    tree = work / "esp"
+    (tree / "loader").mkdir(parents=True)
+    (tree / "loader" / "loader.conf").write_text(esp.loader_conf("membria-*"))
+    esp.make_fat(tree, work / "esp.fat", part.size)
+    disk.copy_sparse(work / "esp.fat", img, part.start)
+    bmap.create(img, work / "edge.img.bmap")
+    return img, work / "edge.img.bmap", part.start
+
+
+def enrollment_file(path: Path, **changes: Any) -> Path:
+    """A token file as `appliance edge enroll-token` writes it (the token is random; nothing can use it)."""
+    expires = datetime.now(UTC) + timedelta(hours=72)
+    doc = {
+        "format": 1,
+        "site": "lab",
+        "device": "lt-0042",
+        "token": "s.test-" + secrets.token_urlsafe(18),
+        "expires_at": expires.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "gateways": ["https://gateway.lab.membria:8443"],
+        "resolve": {"gateway.lab.membria": "10.0.2.2"},
+    }
+    doc.update(changes)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def mtools_read(target: Path, offset: int, name: str) -> bytes:
+    """One file of the FAT at `offset`, read with mtools directly (not through edge_image.esp)."""
+    run = subprocess.run(
+        ["mcopy", "-n", "-i", f"{target}@@{offset}", f"::/{name}", "-"],
+        capture_output=True,
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+        stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_enrollment_lands_in_the_esp_of_a_file_target(gpt_image: tuple[Path, Path, int], tmp_path: Path) -> None:
+    img, bmap_path, offset = gpt_image
+    source = enrollment_file(tmp_path / "enroll.json")
+    enrollment = flash.load_enrollment(source, site="lab")
+    target = tmp_path / "laptop.img"
+    target.write_bytes(b"\xaa" * MiB)
+    report = flash.flash(img, bmap_path, target, enrollment=enrollment)
+    assert report.enrollment == "membria/enroll.json"
+    assert mtools_read(target, offset, "membria/enroll.json") == source.read_bytes()
+    assert mtools_read(target, offset, "loader/loader.conf") == esp.loader_conf("membria-*").encode()
+    assert disk.read_table(target) == disk.read_table(img)
+    # flashed again with a re-minted file: the old one is replaced, not kept beside it
+    again = enrollment_file(tmp_path / "again.json", device="lt-0043", resolve=None)
+    flash.flash(img, bmap_path, target, enrollment=flash.load_enrollment(again))
+    assert mtools_read(target, offset, "membria/enroll.json") == again.read_bytes()
+
+
+def test_enrollment_lands_in_the_esp_of_a_loop_target(gpt_image: tuple[Path, Path, int], tmp_path: Path) -> None:
+    img, bmap_path, offset = gpt_image
+    source = enrollment_file(tmp_path / "enroll.json")
+    backing = tmp_path / "disk.raw"
+    backing.write_bytes(b"\x55" * img.stat().st_size)
+    with loop(backing) as dev:
+        report = flash.flash(img, bmap_path, dev, enrollment=flash.load_enrollment(source, site="lab"))
+        assert report.target.kind == "block" and report.enrollment == "membria/enroll.json"
+        assert mtools_read(dev, offset, "membria/enroll.json") == source.read_bytes()
+    # on the disk itself, not only in the loop device's page cache
+    assert mtools_read(backing, offset, "membria/enroll.json") == source.read_bytes()
+
+
+def test_an_enrollment_refused_at_flash_time_leaves_the_target_untouched(
+    gpt_image: tuple[Path, Path, int], image: tuple[Path, Path, bmap.BlockMap], tmp_path: Path
+) -> None:
+    img, bmap_path, _ = gpt_image
+    target = tmp_path / "laptop.img"
+    target.write_bytes(b"old data " * 100_000)
+    before = target.read_bytes()
+    # still valid when checked (now = an hour ago), lapsed by the time flash starts: the user sat on the prompt
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    lapsed = enrollment_file(tmp_path / "lapsed.json", expires_at=past.isoformat().replace("+00:00", "Z"))
+    enrollment = flash.check_enrollment(lapsed.read_bytes(), source=lapsed, now=past - timedelta(hours=1))
+    with pytest.raises(ImageBadInput, match="expired at") as err:
+        flash.flash(img, bmap_path, target, enrollment=enrollment)
+    assert err.value.exit_code == 2 and target.read_bytes() == before
+    # an image with no partition table, so no ESP to put the file in: refused before the copy
+    plain_img, plain_bmap, _ = image
+    good = flash.load_enrollment(enrollment_file(tmp_path / "good.json"))
+    with pytest.raises(ImageBadInput, match="enrollment file goes onto the image's ESP"):
+        flash.flash(plain_img, plain_bmap, target, enrollment=good)
+    assert target.read_bytes() == before

@@ -7,6 +7,7 @@ mtools, sfdisk, bmaptool, the CLI.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from edge_image.errors import ImageBadInput
 from edge_image.manifest import ImageManifest
 from edge_image.verify import verify
 from runtime.common.signed_manifest import MANIFEST, sign
+from tests.image.test_edge_flash import enrollment_file, mtools_read
 
 pytestmark = pytest.mark.image
 
@@ -235,6 +237,53 @@ def test_cli_flash_to_a_file_then_erase(
     assert luks.opens(part, key)
     subprocess.run(["cryptsetup", "luksErase", "--batch-mode", str(part)], check=True, capture_output=True)
     assert luks.read_header(part).keyslots == {} and not luks.opens(part, key)
+
+
+def test_cli_flash_with_an_enrollment_file(
+    built: tuple[Path, ImageManifest], signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """Refused files (exit 2: expired, another site's, not JSON) leave the target as it was, image included; a good
+    one lands in the ESP, byte for byte. The token is never printed."""
+    out, manifest = built
+    pub = tmp_path / "image-signing.pub"
+    pub.write_bytes(
+        signing_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    target = tmp_path / "laptop-disk.raw"
+    target.write_bytes(b"old data " * 100_000)
+    before = target.read_bytes()
+
+    def flash(enrollment: Path) -> subprocess.CompletedProcess[str]:
+        argv = [APPLIANCE, "edge", "flash", str(out), str(target), "--public-key", str(pub), "--yes"]
+        return subprocess.run([*argv, "--enrollment", str(enrollment)], capture_output=True, text=True)
+
+    garbled = tmp_path / "garbled.json"
+    garbled.write_text('{"format": 1, "token": "s.half-a-file')
+    refusals = {
+        "expired at": enrollment_file(tmp_path / "expired.json", expires_at="2020-01-01T00:00:00Z"),
+        "is for site 'other', the image for 'lab'": enrollment_file(tmp_path / "site.json", site="other"),
+        "not JSON": garbled,
+    }  # each field's own refusal: tests/unit/test_edge_enrollment_file.py
+    for why, path in refusals.items():
+        refused = flash(path)
+        assert refused.returncode == 2, (why, refused.stdout + refused.stderr)
+        assert why in " ".join((refused.stdout + refused.stderr).split()), refused.stdout + refused.stderr
+        assert "Traceback" not in refused.stderr and "s.test-" not in refused.stdout + refused.stderr
+        assert "s.half-a-file" not in refused.stdout + refused.stderr
+        assert target.read_bytes() == before
+
+    good = enrollment_file(tmp_path / "enroll.json")
+    token = json.loads(good.read_text())["token"]
+    done = flash(good)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert token not in done.stdout + done.stderr
+    assert "lt-0042" in done.stdout and "membria/enroll.json" in done.stdout
+    assert disk.read_table(target) == manifest.layout
+    assert mtools_read(target, manifest.layout.partition(disk.ESP_NAME).start, "membria/enroll.json") == (
+        good.read_bytes()
+    )
 
 
 def test_refusals_leave_nothing_behind(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:

@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from ruamel.yaml import YAML
 
+from appliance.errors import ServiceError
 from appliance.lab.services import OpenBao
+from edge_image import flash
 from tests.conftest import EXAMPLES, REPO, example_data, write_site
 from tests.integration.conftest import GatewayLab, audit_rows
 
@@ -164,6 +166,32 @@ def test_enroll_end_to_end_and_idempotent_replay(lab: GatewayLab, site_file: Pat
     assert any(r["status"] == 200 and r["decision"] == "allow" for r in rows)
     dump = json.dumps(rows, default=str)
     assert doc["token"] not in dump and body["recovery_key"] not in dump
+
+
+def test_resolve_goes_into_the_token_file_that_flash_accepts(lab: GatewayLab, site_file: Path, tmp_path: Path) -> None:
+    """--resolve NAME=ADDR: checked, canonical (lower-case name, compressed IPv6) in FILE's `resolve`; a bad one is
+    refused (exit 2) before any token is minted."""
+    device, domain = device_name("lt"), lab.site.site.domain
+    out = tmp_path / "enroll.json"
+    done = cli(site_file, lab, "enroll-token", "--profile", PROFILE, "--device", device, "-o", str(out),
+               "--resolve", f"Gateway.{domain}=127.0.0.1", "--resolve", f"core.{domain}=fd00:0::0002")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(out.read_text())
+    assert doc["token"] not in done.stdout + done.stderr
+    assert list(doc) == ["format", "site", "device", "token", "expires_at", "gateways", "resolve"]
+    assert doc["resolve"] == {f"gateway.{domain}": "127.0.0.1", f"core.{domain}": "fd00::2"}
+    assert f"gateway.{domain} 127.0.0.1" in " ".join(done.stdout.split())  # rich may wrap the line
+    checked = flash.load_enrollment(out, site=lab.site.site.name)  # what `edge flash --enrollment` will take
+    assert checked.device == device and checked.data == out.read_bytes()
+
+    other, bad_out = device_name("lt"), tmp_path / "bad.json"
+    bad = cli(site_file, lab, "enroll-token", "--profile", PROFILE, "--device", other, "-o", str(bad_out),
+              "--resolve", f"gateway.{domain}=10.0.0.999")  # fmt: skip
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "not an IPv4 or IPv6 address" in " ".join(bad.stderr.split()) and "Traceback" not in bad.stderr
+    assert not bad_out.exists()
+    with pytest.raises(ServiceError, match="no secret"):
+        lab.backends.read_secret(f"membria/edge/devices/{other}")
 
 
 def test_recovery_key_of_an_unenrolled_device_exits_1(lab: GatewayLab, site_file: Path) -> None:
