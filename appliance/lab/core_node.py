@@ -50,6 +50,7 @@ RENDERED_BY_AGENT = (
     "/var/lib/membria/vault-agent/*.bundle.pem",
     "/etc/membria/secrets/*.env",
     "/etc/membria/gateway/service-token.pub",
+    "/etc/membria/gateway/wipe-list.json",
 )
 READY_TIMEOUT_S = 300.0  # the core server loads the embedding model, then llama.cpp its model
 

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from runtime.common.identity import Identity
+from runtime.common.vault_session import server_name_session
 from runtime.gateway.app import GatewayDeps, GatewayError, _ctx
 from runtime.gateway.idempotency import KeyInProgress, KeyReused, Replay, request_hash
 from runtime.gateway.ratelimit import RateLimiter, retry_after_header
@@ -96,7 +97,10 @@ def check_csr(pem: str, expected_cn: str) -> x509.CertificateSigningRequest:
 def _enroll_with_vault(conf: EnrollmentSettings, token: str, body: EnrollRequest) -> dict[str, Any]:
     """The four Vault calls, with the laptop's token (blocking: run in a thread)."""
     verify: str | bool = str(conf.vault_ca) if conf.vault_ca else True
-    client = hvac.Client(url=conf.vault_url.rstrip("/"), token=token, verify=verify, timeout=conf.vault_timeout_seconds)
+    session = server_name_session(conf.vault_tls_server_name, verify) if conf.vault_tls_server_name else None
+    client = hvac.Client(
+        url=conf.vault_url.rstrip("/"), token=token, verify=verify, timeout=conf.vault_timeout_seconds, session=session
+    )
     try:
         meta = client.auth.token.lookup_self()["data"].get("meta") or {}
         if meta.get("device") != body.device:

@@ -57,6 +57,9 @@ class EnrollmentSettings(Frozen):
 
     vault_url: str = Field(pattern=r"^https?://", description="Vault/OpenBao API address")
     vault_ca: Path | None = Field(default=None, description="CA file for Vault's TLS (default: the system's)")
+    vault_tls_server_name: str | None = Field(
+        default=None, description="the name Vault's certificate carries when vault_url's host is not in it (a relay)"
+    )
     kv_mount: str = Field(default="secret", min_length=1)
     pki_int_mount: str = Field(default="pki_int", min_length=1)
     domain: str = Field(min_length=1, description="the site domain: a laptop's certificate is <device>.<domain>")

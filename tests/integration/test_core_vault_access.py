@@ -18,6 +18,8 @@ from ruamel.yaml import YAML
 from appliance.backends import Backends
 from appliance.core import vault_access
 from appliance.core.vault_access import AppRoleLimits, node_certificates, node_credentials, node_policy, policy_name
+from appliance.edge import wipe
+from appliance.edge.wipe import WIPE_LIST_PATH
 from appliance.errors import BadInput
 from appliance.lab import bootstrap
 from appliance.lab.services import OpenBao
@@ -114,6 +116,7 @@ def test_the_node_reads_the_secrets_its_services_use(vault: Backends, node: hvac
     signing = bootstrap.ed25519_from_vault(vault, bootstrap.SERVICE_TOKEN_KEY_PATH)
     assert read(node, vault_access.SERVICE_TOKEN_PUBLIC_PATH) == {"public_pem": bootstrap.public_pem(signing).decode()}
     assert "key_b64" in read(node, vault.site.dr.encryption_key_vault_path)
+    assert "devices" in read(node, WIPE_LIST_PATH)  # written empty by node_credentials when there was none
     for target in ("primary", "replica"):
         assert set(read(node, f"membria/s3-{target}")) == {"access_key", "secret_key"}
     chain = node.read("pki_int/cert/ca_chain")["data"]["certificate"]
@@ -130,6 +133,10 @@ DENIED: dict[str, Callable[[hvac.Client], object]] = {
         path=bootstrap.AUDIT_HMAC_PATH, secret={"key_hex": "00"}
     ),
     "list the KV secrets": lambda c: c.secrets.kv.v2.list_secrets(path="membria"),
+    "write the wipe list": lambda c: c.secrets.kv.v2.create_or_update_secret(
+        path=WIPE_LIST_PATH, secret={"devices": {}}
+    ),
+    "read an escrowed recovery key": lambda c: read(c, "membria/edge/recovery/lt-0001"),
     "issue an admin certificate": lambda c: issue(c, "admin", common_name="ops-admin"),
     "issue an edge-device certificate": lambda c: issue(c, "edge-device", common_name="laptop-1"),
     "issue a core certificate in another node's name": lambda c: issue(
@@ -171,6 +178,7 @@ def test_setting_up_again_changes_only_the_secret_id(vault: Backends, credential
     assert list(client.sys.list_auth_methods()["data"]).count("approle/") == 1
     assert vault_access.ensure_node_pki_roles(Pki.for_site(vault.site, client)) == []
     assert not vault_access.publish_service_token_public_key(vault)
+    assert not vault_access.ensure_wipe_list(vault)
 
 
 def test_the_approle_limits(vault: Backends) -> None:
@@ -200,6 +208,19 @@ def test_a_stale_public_key_is_replaced(vault: Backends) -> None:
     )
 
 
+def test_a_deleted_wipe_list_is_written_again_and_a_list_with_entries_kept(vault: Backends) -> None:
+    client = vault.vault()
+    client.secrets.kv.v2.delete_latest_version_of_secret(path=WIPE_LIST_PATH)
+    assert vault_access.ensure_wipe_list(vault)
+    data, version = wipe.read_list(client, vault.kv_mount)
+    assert data == {"devices": {}} and version > 1
+    entry = {"id": "wipe-" + "0" * 32, "reason": "test"}
+    wipe.update_list(client, vault.kv_mount, lambda d: wipe.with_entry(d, "lt-0001", entry))
+    assert not vault_access.ensure_wipe_list(vault)
+    assert wipe.read_list(client, vault.kv_mount)[0]["devices"] == {"lt-0001": entry}
+    wipe.update_list(client, vault.kv_mount, lambda d: wipe.without_entry(d, "lt-0001"))
+
+
 def test_an_unknown_node_is_refused(vault: Backends) -> None:
     with pytest.raises(BadInput, match=r"no core node 'core-9'.*core-1"):
         node_credentials(vault.site, "core-9", vault)
@@ -214,6 +235,7 @@ def test_the_policy_of_a_site_with_external_services() -> None:
     assert read_paths == [
         "kv/data/membria/audit-hmac",
         "kv/data/membria/service-token-public",
+        "kv/data/membria/edge/wipe-list",
         "kv/data/membria/dr-encryption-key",
         "kv/data/membria/s3-primary",
         "kv/data/membria/s3-replica",

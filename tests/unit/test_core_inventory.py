@@ -47,7 +47,9 @@ CONTRACT = {
     "membria_llm_plan",
     "membria_vault_addr",
     "membria_vault_ca_pem",
+    "membria_vault_mounts",
     "membria_vault_role_id",
+    "membria_edge_profiles",
     "membria_vault_secret_id_env",
     "membria_admin_users",
     "membria_runtime_python",
@@ -130,6 +132,8 @@ def test_lab_inventory(lab: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert core["membria_llm_plan"]["port"] == ports.llm
     assert core["membria_vault_addr"] == f"https://127.0.0.1:{ports.openbao}"
     assert core["membria_vault_ca_pem"].startswith("-----BEGIN CERTIFICATE-----")
+    assert core["membria_vault_mounts"] == {"kv": "secret", "pki": "pki", "pki_int": "pki_int"}
+    assert core["membria_edge_profiles"] == [p.name for p in lab.edge_profiles] and core["membria_edge_profiles"]
     assert core["membria_node"] == "core-1" and core["membria_node_index"] == 0
     assert core["membria_core_nodes"] == [{"name": "core-1", "address": "10.77.0.11"}]
     assert core["membria_vip"] is None
@@ -162,6 +166,8 @@ def test_rack_inventory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert plan["kind"] == "vllm" and plan["fits"] is True and plan["tensor_parallel_size"] == 4
     assert core["membria_vault_addr"] == "https://vault.ai.acme.example:8200"
     assert core["membria_vault_ca_pem"] == (tmp_path / "site-ca.pem").read_text()
+    assert core["membria_vault_mounts"] == {"kv": "secret", "pki": "pki", "pki_int": "pki_int"}
+    assert core["membria_edge_profiles"] == ["engineering-laptop", "field-service-laptop", "sales-laptop"]
     assert core["membria_license_file"] == "/etc/membria/license.json"
     assert core["membria_license_public_key_file"] == "/etc/membria/license-signing.pub"
     assert core["membria_rbac_policy_file"] == "/etc/membria/rbac.yaml"
