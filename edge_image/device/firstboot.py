@@ -198,6 +198,16 @@ def reencrypt(paths: Paths, device: Path, key_file: Path, *, active_name: str | 
     return True
 
 
+def mapped_sectors(partition_bytes: int, meta: dict[str, Any]) -> int:
+    """The mapping's size in 512-byte units: the partition after the data offset, in whole encryption sectors."""
+    segment = meta["segments"]["0"]
+    sector = int(segment.get("sector_size", 512))
+    usable = partition_bytes - int(segment["offset"])
+    if usable <= 0:
+        raise ImageError(f"the partition ({partition_bytes} bytes) ends before the LUKS data offset")
+    return usable // sector * sector // 512
+
+
 def grow(device: Path, key_file: Path, *, mapping: str = MAPPING, sys_root: Path = Path("/sys")) -> None:
     """Partition, LUKS mapping and ext4 to the whole disk (all three online; a no-op when already grown)."""
     part = sys_root / "class" / "block" / device.name
@@ -205,7 +215,14 @@ def grow(device: Path, key_file: Path, *, mapping: str = MAPPING, sys_root: Path
     disk = Path("/dev") / part.resolve().parent.name
     # growpart: 0 grown, 1 NOCHANGE (already the disk's size), 2 error.
     tools.run(["growpart", disk, number], what=f"growing {device.name} to the end of {disk}", ok_codes=(0, 1))
-    tools.run(["cryptsetup", "resize", "--key-file", key_file, mapping], what=f"resizing /dev/mapper/{mapping}")
+    # The grown partition ends where the disk's GPT backup allows, rarely on a 4 KiB boundary, and cryptsetup will
+    # not map a partial sector: the mapping's size is given, rounded down to whole 4096-byte sectors.
+    part_bytes = int((part / "size").read_text()) * 512
+    sectors = mapped_sectors(part_bytes, header(device))
+    tools.run(
+        ["cryptsetup", "resize", "--key-file", key_file, "--size", str(sectors), mapping],
+        what=f"resizing /dev/mapper/{mapping}",
+    )
     tools.run(["resize2fs", f"/dev/mapper/{mapping}"], what="growing the root filesystem")
 
 

@@ -182,3 +182,15 @@ def test_units_order_reencryption_before_secrets_and_enrollment_before_the_agent
     assert "ConditionPathExists=!/var/lib/membria/firstboot/done" in reencrypt
     assert "Before=membria-edge-agent.service" in enroll and "After=network-online.target" in enroll
     assert set(firstboot.ENABLED) == set(firstboot.UNITS)
+
+
+def test_the_grown_mapping_is_whole_encryption_sectors(disk: tuple[Path, bytes, Paths]) -> None:
+    partition, _, _ = disk
+    meta = firstboot.header(partition)
+    offset = int(meta["segments"]["0"]["offset"])
+    # A partition grown to the last usable LBA: 33 sectors short of a MiB boundary, not a multiple of 4096.
+    grown = offset + 2048 * luks.MIB - 33 * 512
+    assert firstboot.mapped_sectors(grown, meta) == (2048 * luks.MIB - 5 * 4096) // 512  # 16.5 KiB short: 5 sectors
+    assert firstboot.mapped_sectors(offset + 8192, meta) == 16
+    with pytest.raises(ImageError, match="ends before the LUKS data offset"):
+        firstboot.mapped_sectors(offset, meta)
