@@ -21,6 +21,8 @@ SITE ?= examples/lab.yaml
 APT_PACKAGES := build-essential cmake python3-venv python3-dev ca-certificates chromium chromium-driver \
 	systemd-container mmdebstrap iproute2 openssh-client apt-utils \
 	cryptsetup-bin fdisk dosfstools mtools bmap-tools cpio e2fsprogs zstd
+# The boot tier only (`make test-slow`): qemu with OVMF (UEFI firmware) and swtpm (the laptop's TPM 2.0).
+BOOT_APT_PACKAGES := qemu-system-x86 ovmf swtpm swtpm-tools
 # pytest's markers for the tiers `make test` runs; `make test-slow` runs what does not fit CI's time.
 TEST_TIERS ?= (unit or integration or hosts or image) and not slow
 SLOW_TIERS ?= slow or boot
@@ -40,6 +42,11 @@ help:
 $(STAMPS)/apt: Makefile scripts/ensure-apt.sh
 	@mkdir -p $(STAMPS)
 	scripts/ensure-apt.sh $(APT_PACKAGES)
+	@touch $@
+
+$(STAMPS)/apt-boot: Makefile scripts/ensure-apt.sh
+	@mkdir -p $(STAMPS)
+	scripts/ensure-apt.sh $(BOOT_APT_PACKAGES)
 	@touch $@
 
 $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
@@ -73,8 +80,8 @@ pytest: $(STAMPS)/venv
 
 test: lint typecheck pytest
 
-# The full edge image build (and later its qemu boot): tens of minutes on 2 cores, so outside `make test`.
-test-slow: $(STAMPS)/venv
+# The full edge image build and its qemu boot: tens of minutes on 2 cores, so outside `make test`.
+test-slow: $(STAMPS)/venv $(STAMPS)/apt-boot
 	$(BIN)/pytest -m "$(SLOW_TIERS)" $(PYTEST_ARGS)
 
 clean:

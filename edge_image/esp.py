@@ -66,11 +66,18 @@ def kernel_options(luks_uuid: str, *, first_boot: bool) -> str:
         luks = str(uuid.UUID(luks_uuid))
     except ValueError as exc:
         raise ImageBadInput(f"not a LUKS UUID: {luks_uuid!r}") from exc
-    options = [f"rd.luks.name={luks}=root", f"rd.luks.options={luks}=tpm2-device=auto,discard"]
+    options = [f"rd.luks.name={luks}=root"]
     if first_boot:
-        # No TPM2 token exists yet, so tpm2-device=auto finds nothing and the key file from the appended cpio opens it.
-        options.append(f"rd.luks.key={luks}=/{BOOTSTRAP_KEY_PATH}")
-    options += ["root=/dev/mapper/root", "rw", "quiet"]
+        # The key file from the appended cpio opens it, and no tpm2-device=: systemd-cryptsetup 252 tries the TPM2
+        # first and, finding no token (none exists before first boot), drops the key file with it and asks for a
+        # passphrase (seen in the boot test: "Please enter passphrase for disk membria-root").
+        options += [f"rd.luks.options={luks}=discard", f"rd.luks.key={luks}=/{BOOTSTRAP_KEY_PATH}"]
+    else:
+        options.append(f"rd.luks.options={luks}=tpm2-device=auto,discard")
+    options += ["root=/dev/mapper/root", "rw"]
+    # Both consoles: the screen, and the first serial port (the boot test's console log; nothing on most laptops).
+    # The last console= is /dev/console: systemd's status lines and an emergency shell go to the serial port.
+    options += ["console=tty0", "console=ttyS0,115200", "quiet"]
     return " ".join(options)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,12 @@ import pytest
 from ruamel.yaml import YAML
 
 from appliance.site import Site
+from edge_image.manifest import ImageManifest
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
+APPLIANCE = str(REPO / ".venv" / "bin" / "appliance")
+EDGE_PROFILE = "engineering-laptop"
 
 
 def free_port() -> int:
@@ -83,3 +88,26 @@ def write_site(path: Path, data: dict[str, Any]) -> Path:
 @pytest.fixture
 def lab_site(tmp_path: Path) -> Site:
     return Site.model_validate(lab_site_data(tmp_path / "state"))
+
+
+def appliance_cli(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+    """The `appliance` command of this checkout's venv, run from the checkout."""
+    return subprocess.run([APPLIANCE, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def lab_edge_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, ImageManifest]]:
+    """The lab profile's real image, built once per session through the CLI with the lab's OpenBao (kept running
+    for the session: the boot tier needs it too): (site file, output directory, manifest). Tens of minutes cold."""
+    from tests.integration.vault_support import bootstrapped_vault
+
+    root = tmp_path_factory.mktemp("edge-full")
+    with bootstrapped_vault(root / "lab"):
+        site = root / "lab" / "site.yaml"
+        keygen = appliance_cli("edge", "keygen", "--site", str(site))
+        assert keygen.returncode == 0, keygen.stdout + keygen.stderr
+        out = root / "out"
+        result = appliance_cli("edge", "build", "--site", str(site), "--profile", EDGE_PROFILE, "-o", str(out))
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        manifest = ImageManifest.model_validate_json((out / "manifest.json").read_text())
+        yield site, out, manifest

@@ -23,7 +23,7 @@ from pyinfra.context import host
 from pyinfra.facts.files import File, FileContents, FindFiles, Sha256File
 from pyinfra.operations import files, server
 
-from edge_image.device import firstboot, guard
+from edge_image.device import firstboot, guard, selftest
 from edge_image.spec import ImageSpec
 
 VENV = "/opt/membria/runtime"
@@ -198,7 +198,7 @@ put(
 
 # --- the laptop's own programs: first boot (re-encrypt, enroll), and their units ---------------------------------
 
-DEVICE_MODULES = (firstboot, guard)
+DEVICE_MODULES = (firstboot, guard, selftest)  # selftest: wanted only by the boot test's virtio port
 # The commands a local admin types (the units call the modules directly).
 for command, module_name in (("membria-edge-wipe", "wipe"), ("membria-firstboot", "firstboot")):
     put(
@@ -209,6 +209,7 @@ for command, module_name in (("membria-edge-wipe", "wipe"), ("membria-firstboot"
 for module in DEVICE_MODULES:
     for unit_name, content in module.UNITS.items():
         put(f"/etc/systemd/system/{unit_name}", content)
+put(selftest.UDEV_RULE_PATH, selftest.UDEV_RULE)  # the boot test's virtio port starts the selftest (SYSTEMD_WANTS)
 # Enabled below, with the others, once every unit file is in place.
 DEVICE_UNITS = tuple(unit for module in DEVICE_MODULES for unit in module.ENABLED)
 directory("/var/lib/membria/firstboot", mode="0700")

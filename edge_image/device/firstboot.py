@@ -435,24 +435,29 @@ def write_identity(paths: Paths, device: str, fqdn: str, gateways: list[str], re
 
 
 def finish(paths: Paths, device: Path) -> list[int]:
-    """Destroy every slot no token accounts for (the bootstrap slot), then the first-boot files on the ESP.
+    """Destroy every slot no token accounts for (the bootstrap slot), mark first boot done, clear the ESP.
 
-    Refuses while the TPM2 or the recovery token is missing: the bootstrap slot is then the only way in.
+    Refuses while the TPM2 or the recovery token is missing: the bootstrap slot is then the only way in. The order
+    survives a power cut anywhere: the normal (TPM2) entry becomes the default first, since the first-boot entry
+    can only ask for a passphrase once its key is gone; the bootstrap cpio goes last, after `done`, since an
+    unfinished run needs it again (after `done` the units no longer start, and the key opens nothing).
     """
     meta = header(device)
     for kind in (TPM2_TOKEN, RECOVERY_TOKEN):
         if not tokens_of(meta, kind):
             raise ImageError(f"the header has no {kind} token: the bootstrap slot stays")
+    loader = paths.esp / "loader"
+    write_atomic(loader / "loader.conf", esp.loader_conf(NORMAL_ENTRIES).encode(), 0o644)
+    (loader / "entries" / FIRST_BOOT_ENTRY).unlink(missing_ok=True)
+    os.sync()
     killed = unaccounted_slots(meta)
     for slot in killed:
         tools.run(["cryptsetup", "luksKillSlot", "--batch-mode", device, str(slot)], what=f"destroying keyslot {slot}")
     left = unaccounted_slots(header(device))
     if left:
         raise ImageError(f"keyslots {left} are still there after luksKillSlot")
-    # The ESP: the bootstrap cpio, the first-boot entry, the spent token; systemd-boot then picks the normal entry.
-    loader = paths.esp / "loader"
-    write_atomic(loader / "loader.conf", esp.loader_conf(NORMAL_ENTRIES).encode(), 0o644)
-    for path in (loader / "entries" / FIRST_BOOT_ENTRY, paths.cpio, paths.enroll_json):
+    mark(paths, "done")
+    for path in (paths.cpio, paths.enroll_json):
         path.unlink(missing_ok=True)
     os.sync()
     return killed
@@ -521,7 +526,6 @@ def run_enroll(paths: Paths, *, attempts: int | None = None) -> None:
             with contextlib.suppress(OSError, ImageError):
                 tools.run(["hostname", enrollment.device], what="setting the hostname")
     killed = finish(paths, device)
-    mark(paths, "done")
     say(f"enrolled; bootstrap keyslot(s) {killed or 'already'} destroyed, first-boot files removed from the ESP")
 
 

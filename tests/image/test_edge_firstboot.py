@@ -122,6 +122,7 @@ def test_finish_kills_only_the_bootstrap_slot_and_clears_the_esp(
     assert not (paths.esp / "loader" / "entries" / firstboot.FIRST_BOOT_ENTRY).exists()
     assert (paths.esp / "loader" / "entries" / "membria-6.1.0-test.conf").exists()
     assert "default membria-*" in (paths.esp / "loader" / "loader.conf").read_text()
+    assert paths.marker("done").exists()
     # Idempotent: a second run finds nothing to kill.
     assert firstboot.finish(paths, partition) == []
 
@@ -132,6 +133,8 @@ def test_finish_refuses_while_the_tpm2_or_recovery_token_is_missing(disk: tuple[
         firstboot.finish(paths, partition)
     assert luks.opens(partition, bootstrap)
     assert paths.cpio.exists()
+    assert (paths.esp / "loader" / "entries" / firstboot.FIRST_BOOT_ENTRY).exists()
+    assert not paths.marker("done").exists()
 
 
 def test_bootstrap_key_needs_the_esp(tmp_path: Path) -> None:

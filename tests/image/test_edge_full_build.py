@@ -7,8 +7,6 @@ The boot tier boots what this builds.
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,31 +15,15 @@ from appliance.bundle import sbom
 from edge_image import boot, chroot, disk, esp, rootfs
 from edge_image.manifest import ImageManifest
 from edge_image.spec import BASE_PACKAGES
-from tests.integration.vault_support import bootstrapped_vault
+from tests.conftest import appliance_cli as _cli
 
 pytestmark = [pytest.mark.image, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-APPLIANCE = str(REPO / ".venv" / "bin" / "appliance")
-PROFILE = "engineering-laptop"
-
-
-def _cli(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([APPLIANCE, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, ImageManifest]]:
-    root = tmp_path_factory.mktemp("edge-full")
-    with bootstrapped_vault(root / "lab"):
-        site = root / "lab" / "site.yaml"
-        keygen = _cli("edge", "keygen", "--site", str(site))
-        assert keygen.returncode == 0, keygen.stdout + keygen.stderr
-        out = root / "out"
-        result = _cli("edge", "build", "--site", str(site), "--profile", PROFILE, "-o", str(out))
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-        manifest = ImageManifest.model_validate_json((out / "manifest.json").read_text())
-        yield site, out, manifest
+def built(lab_edge_image: tuple[Path, Path, ImageManifest]) -> tuple[Path, Path, ImageManifest]:
+    """The session's lab-profile build (tests/conftest.py), which the boot tier boots as well."""
+    return lab_edge_image
 
 
 def test_the_image_verifies(built: tuple[Path, Path, ImageManifest]) -> None:

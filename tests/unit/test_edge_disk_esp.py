@@ -105,15 +105,18 @@ def test_boot_entry_lists_each_initrd_in_order() -> None:
 def test_kernel_options_normal_and_first_boot() -> None:
     normal = kernel_options(LUKS, first_boot=False)
     assert normal == (
-        f"rd.luks.name={LUKS}=root rd.luks.options={LUKS}=tpm2-device=auto,discard root=/dev/mapper/root rw quiet"
+        f"rd.luks.name={LUKS}=root rd.luks.options={LUKS}=tpm2-device=auto,discard root=/dev/mapper/root rw "
+        "console=tty0 console=ttyS0,115200 quiet"
     )
     first = kernel_options(LUKS.upper(), first_boot=True)  # written as udev's by-uuid link names it
     assert first.split() == [
         f"rd.luks.name={LUKS}=root",
-        f"rd.luks.options={LUKS}=tpm2-device=auto,discard",
+        f"rd.luks.options={LUKS}=discard",  # no tpm2-device=: systemd 252 would then ignore the key file
         f"rd.luks.key={LUKS}=/{BOOTSTRAP_KEY_PATH}",
         "root=/dev/mapper/root",
         "rw",
+        "console=tty0",
+        "console=ttyS0,115200",
         "quiet",
     ]
     assert BOOTSTRAP_KEY_PATH == "etc/membria/bootstrap.key"
