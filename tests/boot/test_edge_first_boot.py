@@ -2,8 +2,8 @@
 
 The image's first-boot entry (systemd-boot, no Secure Boot) loads the kernel, the generic dracut initrd and the
 bootstrap cpio; systemd-cryptsetup opens the LUKS2 root with the bootstrap key; the system reaches multi-user; the
-selftest, started by its virtio port, reports and ends qemu. Enrollment (re-encryption, TPM binding, escrow) is
-checked by its own tests, not here.
+selftest, started by its virtio port, reports and ends qemu. This laptop is flashed without an enrollment token, so
+first boot must stop loudly at enrollment; the enrolled laptop's two boots are test_edge_enrolled_boot.py.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ def test_the_system_reached_multi_user(first_boot: BootResult) -> None:
     assert report["system"] in ("running", "degraded")
 
 
-def test_first_boot_passes(first_boot: BootResult) -> None:
-    """The whole verdict: qemu exit 1 (byte 0) and report.ok (complete, no unit failed)."""
-    assert first_boot.passed, first_boot.describe()
+def test_without_an_enrollment_file_first_boot_stops_loudly_after_re_encrypting(first_boot: BootResult) -> None:
+    """Flashed without `--enrollment`: the disk still gets its own key and grows, then enrollment fails (the unit,
+    not silently), the bootstrap slot stays, and the selftest's verdict is a failure naming that unit."""
+    report = first_boot.report
+    assert report is not None, first_boot.describe()
+    assert report["failed_units"] == ["membria-enroll.service"], first_boot.describe()
+    assert report["firstboot"]["markers"] == ["reencrypted"]
+    assert first_boot.verdict == 1 and not first_boot.passed
