@@ -208,17 +208,39 @@ def mapped_sectors(partition_bytes: int, meta: dict[str, Any]) -> int:
     return usable // sector * sector // 512
 
 
+GPT_TAIL_SECTORS = 33  # the backup GPT at the disk's end: 32 sectors of entries and its header
+ALIGN_SECTORS = 2048  # 1 MiB: the grown partition ends on a boundary the 4096-byte LUKS sectors divide
+
+
+def grown_size(disk_sectors: int, start: int, size: int) -> int | None:
+    """The partition's new size in 512-byte sectors (to the disk's end, whole MiB), or None when already there.
+
+    Not growpart's "as far as possible": that end is rarely a multiple of 4096 bytes, and dm-crypt then refuses to
+    map the LUKS2 segment (its size is the partition's, "dynamic"), so the next boot could not open the disk.
+    """
+    target = (disk_sectors - GPT_TAIL_SECTORS - start) // ALIGN_SECTORS * ALIGN_SECTORS
+    return target if target > size else None
+
+
 def grow(device: Path, key_file: Path, *, mapping: str = MAPPING, sys_root: Path = Path("/sys")) -> None:
     """Partition, LUKS mapping and ext4 to the whole disk (all three online; a no-op when already grown)."""
     part = sys_root / "class" / "block" / device.name
     number = (part / "partition").read_text().strip()
-    disk = Path("/dev") / part.resolve().parent.name
-    # growpart: 0 grown, 1 NOCHANGE (already the disk's size), 2 error.
-    tools.run(["growpart", disk, number], what=f"growing {device.name} to the end of {disk}", ok_codes=(0, 1))
-    # The grown partition ends where the disk's GPT backup allows, rarely on a 4 KiB boundary, and cryptsetup will
-    # not map a partial sector: the mapping's size is given, rounded down to whole 4096-byte sectors.
-    part_bytes = int((part / "size").read_text()) * 512
-    sectors = mapped_sectors(part_bytes, header(device))
+    disk_dir = part.resolve().parent
+    disk = Path("/dev") / disk_dir.name
+    start, size = (int((part / name).read_text()) for name in ("start", "size"))
+    target = grown_size(int((disk_dir / "size").read_text()), start, size)
+    if target is not None:
+        # sfdisk moves the backup GPT to the disk's new end as it writes; partx tells the kernel (BLKPG), as growpart
+        # does, since the partition is in use and the disk cannot be re-read.
+        tools.run(
+            ["sfdisk", "--no-reread", "--no-tell-kernel", "--force", "-N", number, disk],
+            stdin=f"{start},{target}\n".encode(),
+            what=f"growing {device.name} to the end of {disk}",
+        )
+        tools.run(["partx", "--update", "--nr", number, disk], what=f"telling the kernel {device.name}'s new size")
+        size = target
+    sectors = mapped_sectors(size * 512, header(device))
     tools.run(
         ["cryptsetup", "resize", "--key-file", key_file, "--size", str(sectors), mapping],
         what=f"resizing /dev/mapper/{mapping}",

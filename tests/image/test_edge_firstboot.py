@@ -197,3 +197,15 @@ def test_the_grown_mapping_is_whole_encryption_sectors(disk: tuple[Path, bytes, 
     assert firstboot.mapped_sectors(offset + 8192, meta) == 16
     with pytest.raises(ImageError, match="ends before the LUKS data offset"):
         firstboot.mapped_sectors(offset, meta)
+
+
+def test_the_partition_grows_to_whole_mebibytes_and_only_once() -> None:
+    mib = 2048
+    # A 6.5 GiB + 5 sectors disk, the root starting at 529 MiB with 4 GiB: grown to the last whole MiB before the
+    # backup GPT.
+    disk_sectors = 6656 * mib + 5
+    start, size = 529 * mib, 4096 * mib
+    grown = firstboot.grown_size(disk_sectors, start, size)
+    assert grown is not None and grown % mib == 0
+    assert start + grown + firstboot.GPT_TAIL_SECTORS <= disk_sectors < start + grown + mib + firstboot.GPT_TAIL_SECTORS
+    assert firstboot.grown_size(disk_sectors, start, grown) is None  # a second first boot changes nothing
