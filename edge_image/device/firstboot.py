@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 from edge_image import esp, tools
 from edge_image.errors import ImageBadInput, ImageError
 from edge_image.luks import private_dir
+from runtime.common import atomic
 
 MAPPING = "root"  # rd.luks.name=<uuid>=root
 ENROLL_HEADER = "Membria-Enrollment-Token"
@@ -93,20 +94,11 @@ def mark(paths: Paths, name: str, content: str = "") -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int, group: str | None = None) -> None:
-    """Write-then-rename in the same directory, fsynced: a power cut leaves the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-        if group is not None:
-            with contextlib.suppress(KeyError):
-                os.fchown(fd, 0, grp.getgrnam(group).gr_gid)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """runtime.common.atomic's write (a power cut leaves the old file or the new), then the group if named."""
+    atomic.write_bytes(path, data, mode=mode)
+    if group is not None:
+        with contextlib.suppress(KeyError):
+            os.chown(path, 0, grp.getgrnam(group).gr_gid)
 
 
 def luks_device(mapping: str = MAPPING, dev_root: Path = Path("/dev"), sys_root: Path = Path("/sys")) -> Path:

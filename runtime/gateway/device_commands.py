@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.common.identity import Identity, NotAnIdentity, identity_from_certificate
 from runtime.common.tls import peer_certificate
+from runtime.gateway import enrollment
 from runtime.gateway.app import GatewayDeps, GatewayError, _ctx
 from runtime.gateway.ratelimit import RateLimiter, retry_after_header
 from runtime.gateway.revocation import RevocationList
@@ -42,7 +43,7 @@ from runtime.gateway.settings import DeviceCommandSettings
 log = logging.getLogger("membria.gateway.device_commands")
 
 COMMAND_ID = r"^[A-Za-z0-9_.-]{1,100}$"
-DEVICE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEVICE_PATTERN = re.compile(enrollment.DEVICE_PATTERN)  # the names enrollment issues certificates for
 
 
 class WipeEntry(BaseModel):
