@@ -93,10 +93,30 @@ def host(target: TargetSpec) -> testinfra.host.Host:
     # testinfra probes the system (uname, os-release) once; that is not evidence for the first check.
     sink, _current.sink = getattr(_current, "sink", None), None
     try:
+        # Reachable at all? testinfra's ssh backend raises on exit 255 and returns other failures: either way
+        # the target was not audited, and every check must say so instead of failing on empty output.
+        try:
+            probe = built.run("true")
+            problem = "" if probe.rc == 0 else (probe.stderr or probe.stdout or f"exit {probe.rc}")
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raises, the reason is in its text
+            stderr = getattr(getattr(exc, "args", [None])[0], "stderr", None)
+            problem = str(stderr) if stderr else str(exc)
+        if problem:
+            last = [line for line in problem.strip().splitlines() if line.strip()][-1:] or [problem]
+            raise TargetUnreachable(f"cannot reach {target.describe()}: {ev.redact(last[0].strip())}")
         built.system_info.type  # noqa: B018 (the probe is the point)
     finally:
         _current.sink = sink
     return built
+
+
+@pytest.fixture(autouse=True)
+def _reachable(host: testinfra.host.Host) -> None:
+    """Every check, even one that works from the controller, needs the target reachable: else all error."""
+
+
+class TargetUnreachable(Exception):
+    """The target did not run a trivial command: every check errors with this message, none fails."""
 
 
 @pytest.fixture
@@ -122,7 +142,7 @@ def _message(report: pytest.TestReport) -> str:
         return str(longrepr[2]).removeprefix("Skipped: ")
     crash = getattr(longrepr, "reprcrash", None)
     if crash is not None:
-        return str(crash.message)
+        return str(crash.message).removeprefix(f"{TargetUnreachable.__module__}.{TargetUnreachable.__name__}: ")
     return str(longrepr or "")
 
 

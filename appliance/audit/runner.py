@@ -39,7 +39,12 @@ def _quiet(_target: str, _done: int, _total: int) -> None:
 
 
 def run_target(
-    spec: TargetSpec, controls: Sequence[Control], *, progress: Progress = _quiet, timeout: float = TARGET_TIMEOUT_S
+    spec: TargetSpec,
+    controls: Sequence[Control],
+    *,
+    progress: Progress = _quiet,
+    timeout: float = TARGET_TIMEOUT_S,
+    checks_dir: Path = CHECKS_DIR,
 ) -> TargetRun:
     """The checks of `controls` against one target; an unreachable target is an error on the run, not a crash."""
     run = TargetRun(spec)
@@ -56,19 +61,19 @@ def run_target(
             "-c",
             str(CHECKS_DIR / "pytest.ini"),
             "--rootdir",
-            str(CHECKS_DIR),
+            str(checks_dir),
             "--confcutdir",
-            str(CHECKS_DIR),
+            str(checks_dir),
             "-p",
             "appliance.audit.plugin",
             "--audit-target",
             str(spec_file),
             "--audit-results",
             str(results),
-            *[str(CHECKS_DIR / c.check) for c in controls],
+            *[str(checks_dir / c.check) for c in controls],
         ]
         with subprocess.Popen(
-            argv, cwd=CHECKS_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            argv, cwd=checks_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as proc:
             try:
                 output, _ = proc.communicate(timeout=timeout)
@@ -95,20 +100,22 @@ def run(
     parallel: int = 5,
     today: date | None = None,
     progress: Progress = _quiet,
+    checks_dir: Path = CHECKS_DIR,
 ) -> Report:
     today = today or datetime.now(UTC).date()
     jobs = [(spec, catalog.for_kind(spec.kind)) for spec in targets]
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(jobs)))) as pool:
-        runs = list(pool.map(lambda job: run_target(job[0], job[1], progress=progress), jobs))
+        runs = list(
+            pool.map(lambda job: run_target(job[0], job[1], progress=progress, checks_dir=checks_dir), jobs)
+        )
     results: list[Result] = []
     infos: list[TargetInfo] = []
-    used: set[int] = set()
     for target_run, (spec, controls) in zip(runs, jobs, strict=True):
         infos.append(TargetInfo(name=spec.name, kind=spec.kind, connection=spec.describe(), error=target_run.error))
         by_check = {str(line["check"]): line for line in target_run.lines}
         for control in controls:
             line = by_check.get(control.check)
-            results.append(_result(control, spec, line, target_run.error, list(waivers), today, used))
+            results.append(_result(control, spec, line, target_run.error, list(waivers), today))
     expired = [
         ExpiredWaiver(control=w.control, approver=w.approver, expired=w.expires) for w in waivers if not w.active(today)
     ]
@@ -132,7 +139,6 @@ def _result(
     target_error: str | None,
     waivers: list[waiver_file.Waiver],
     today: date,
-    used: set[int],
 ) -> Result:
     if line is None:
         status, message, evidence, duration = "error", target_error or "the check did not report", [], 0.0
@@ -145,7 +151,6 @@ def _result(
     if status in ("fail", "error"):
         waiver = waiver_file.find(waivers, control.id, spec.name, today)
         if waiver is not None:
-            used.add(id(waiver))
             applied = AppliedWaiver(
                 justification=waiver.justification, approver=waiver.approver, expires=waiver.expires
             )

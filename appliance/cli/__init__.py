@@ -11,6 +11,7 @@ import typer
 from typer.exceptions import TyperException
 
 from appliance import __version__
+from appliance.cli import audit as audit_cli
 from appliance.cli import audit_log as audit_log_cli
 from appliance.cli import bundle as bundle_cli
 from appliance.cli import core as core_cli
@@ -39,6 +40,7 @@ app = typer.Typer(
 app.add_typer(site_cli.app, name="site")
 app.add_typer(lab_cli.app, name="lab")
 app.add_typer(pki_cli.app, name="pki")
+app.add_typer(audit_cli.app, name="audit")
 app.add_typer(audit_log_cli.app, name="audit-log")
 app.add_typer(license_cli.app, name="license")
 app.add_typer(edge_cli.app, name="edge")
