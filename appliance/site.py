@@ -383,6 +383,18 @@ class EdgeImages(Strict):
     )
 
 
+class AuditReportSigning(SigningKey):
+    """Compliance audit reports (`appliance audit`): `audit verify-report` trusts its public key."""
+
+    signing_key_vault_path: str = Field(default="membria/audit-report-signing", min_length=1)
+
+
+class AuditSettings(Strict):
+    """The compliance audit: the key that signs its reports (its own: auditors get only this public key)."""
+
+    signing: AuditReportSigning
+
+
 # --- disaster recovery -----------------------------------------------------------------------------
 
 
@@ -504,6 +516,7 @@ class Site(Strict):
     rbac: Rbac
     bundle: BundleSigning | None = None
     edge: EdgeImages | None = None
+    audit: AuditSettings | None = None
     dr: Dr = Field(default_factory=Dr)
     lab: Lab = Field(default_factory=Lab)
 

@@ -62,6 +62,7 @@ def lab_site_data(state_dir: Path) -> dict[str, Any]:
     data["rbac"] = {"policy_file": str(EXAMPLES / "rbac.yaml")}
     data["bundle"] = {"public_key_file": str(state_dir / "bundle" / "signing.pub")}
     data["edge"] = {"signing": {"public_key_file": str(state_dir / "edge" / "image-signing.pub")}}
+    data["audit"] = {"signing": {"public_key_file": str(state_dir / "audit" / "report-signing.pub")}}
     data["lab"] = {
         "host": "127.0.0.1",
         "state_dir": str(state_dir),

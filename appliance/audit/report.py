@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.audit.catalog import FRAMEWORK_TITLES, FrameworkRef, Kind, Severity
+from appliance.audit.catalog import FRAMEWORK_TITLES, CisRecommendation, FrameworkRef, Kind, Severity
 from appliance.audit.evidence import Evidence
 
 SCHEMA_VERSION = 1
@@ -81,7 +81,9 @@ class Report(_Model):
     results: list[Result]
     scores: list[Score]
     expired_waivers: list[ExpiredWaiver] = Field(description="waivers in the file that no longer waive anything")
-    cis_not_covered: list[str] = Field(description="automated CIS Level 1 recommendations no control checks yet")
+    cis_not_covered: list[CisRecommendation] = Field(
+        description="automated CIS Level 1 recommendations no control checks yet (id and title)"
+    )
 
     @property
     def failures(self) -> list[Result]:

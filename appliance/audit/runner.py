@@ -105,9 +105,7 @@ def run(
     today = today or datetime.now(UTC).date()
     jobs = [(spec, catalog.for_kind(spec.kind)) for spec in targets]
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(jobs)))) as pool:
-        runs = list(
-            pool.map(lambda job: run_target(job[0], job[1], progress=progress, checks_dir=checks_dir), jobs)
-        )
+        runs = list(pool.map(lambda job: run_target(job[0], job[1], progress=progress, checks_dir=checks_dir), jobs))
     results: list[Result] = []
     infos: list[TargetInfo] = []
     for target_run, (spec, controls) in zip(runs, jobs, strict=True):
@@ -128,7 +126,7 @@ def run(
         results=results,
         scores=scores(results),
         expired_waivers=expired,
-        cis_not_covered=[r.id for r in catalog.cis_not_covered()],
+        cis_not_covered=catalog.cis_not_covered(),
     )
 
 

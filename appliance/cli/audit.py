@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,7 +178,7 @@ def _write(report: Any, formats: list[str], out: Path, key: Any) -> list[Path]:
 
     out.mkdir(parents=True)
     written: list[Path] = []
-    makers = {
+    makers: dict[str, tuple[str, Callable[[], bytes]]] = {
         "json": (f"{STEM}.json", lambda: report.model_dump_json(indent=2).encode() + b"\n"),
         "junit": (f"{STEM}.xml", lambda: junit_xml(report)),
         "html": (f"{STEM}.html", lambda: html_page(report)),

@@ -110,7 +110,7 @@ CASES = [
         "monitoring",
         line_of(t, "monitoring:"),
         "unknown key 'monitoring' (allowed: site, core_nodes, services, edge_profiles, licensing, rbac, bundle, "
-        "edge, dr, lab)",
+        "edge, audit, dr, lab)",
     ),
     Case(
         "unknown-key-in-hardware",
