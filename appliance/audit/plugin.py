@@ -166,6 +166,9 @@ def pytest_runtest_makereport(
         sink = item.stash.get(_SINK, [])
         status = _status(report, call)
         message = _message(report) if status != "pass" else ""
+        if status == "fail":
+            # The check's own one-line message, without pytest's assertion rewrite below it.
+            message = message.removeprefix("AssertionError: ").splitlines()[0] if message.strip() else message
         if status in ("pass", "fail") and not sink:
             status, message = "error", "the check recorded no evidence"
         line = {

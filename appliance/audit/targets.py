@@ -54,7 +54,8 @@ class TargetSpec(BaseModel):
             return testinfra.get_host(str(self.root), connection="chroot")
         if self.backend == "local":
             return testinfra.get_host("local://")
-        extra = "-o BatchMode=yes -o ConnectTimeout=10"
+        # LogLevel=ERROR: a login banner (CIS 1.6) must not land in every evidence item's stderr.
+        extra = "-o BatchMode=yes -o ConnectTimeout=10 -o LogLevel=ERROR"
         if self.known_hosts:
             extra += f" -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={self.known_hosts}"
         return testinfra.get_host(
