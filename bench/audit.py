@@ -74,9 +74,7 @@ def main() -> int:
             host.start()
         console.print(f"{args.hosts} test hosts up in {time.perf_counter() - started:.0f} s; {checks} core checks each")
         with tempfile.TemporaryDirectory() as tmp:
-            targets = [
-                ssh_target(h.name, h.address, h.user, h.key_path, known_hosts=h.known_hosts) for h in hosts
-            ]
+            targets = [ssh_target(h.name, h.address, h.user, h.key_path, known_hosts=h.known_hosts) for h in hosts]
             samples: dict[str, list[float]] = {"one": [], "sequential": [], "parallel": []}
             last: runner.Report | None = None
             for round_ in range(args.rounds):

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_image import bmap, disk, esp, luks
 from edge_image.build import FIRST_BOOT_ENTRY
-from edge_image.errors import ImageBadInput, ImageError
+from edge_image.errors import ImageBadInput, ImageCheckFailed, ImageError
 from edge_image.manifest import ImageManifest, check_signature
 from edge_image.tools import run
 from runtime.common.signed_manifest import MANIFEST, SIGNATURE, FileEntry, hash_file
@@ -245,6 +245,34 @@ def _check_root(
 ) -> str:
     if block_map is None:
         raise ImageError("not checked: the block map is unreadable")
+    if fsck:
+        with tempfile.TemporaryDirectory(prefix=".membria-fsck-", dir=image.parent) as tmp:
+            plain = Path(tmp) / "root.ext4"
+            digest, fs_uuid = _plaintext(image, manifest, header_copy, block_map, bootstrap_key, progress, plain)
+            run(["e2fsck", "-fn", plain], what="e2fsck of the decrypted root filesystem")
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        digest, fs_uuid = _plaintext(image, manifest, header_copy, block_map, bootstrap_key, progress, None)
+    problems = _root_problems(manifest, digest, fs_uuid)
+    if problems:
+        raise ImageError("; ".join(problems))
+    return f"decrypted with the bootstrap key: {manifest.root.size // MIB} MiB, sha256 and ext4 UUID as signed" + (
+        ", e2fsck clean" if fsck else ""
+    )
+
+
+def _plaintext(
+    image: Path,
+    manifest: ImageManifest,
+    header_copy: Path,
+    block_map: bmap.BlockMap,
+    bootstrap_key: bytes | None,
+    progress: Progress,
+    copy_to: Path | None,
+    *,
+    key_bits: int = luks.LuksParams.key_bits,
+) -> tuple[str, str | None]:
+    """The root filesystem decrypted with the bootstrap key: its sha256 and ext4 UUID (and a sparse copy)."""
     key = bootstrap_key if bootstrap_key is not None else _bootstrap_key(image, manifest)
     volume_key = luks.dump_volume_key(header_copy, key)
     root = manifest.layout.partition(disk.ROOT_NAME)
@@ -255,27 +283,79 @@ def _check_root(
         volume_key=volume_key,
         length=manifest.root.size,
         mapped=mapped,
-        params=luks.LuksParams(sector_size=manifest.luks.sector_size, data_offset=manifest.luks.data_offset),
+        params=luks.LuksParams(
+            key_bits=key_bits, sector_size=manifest.luks.sector_size, data_offset=manifest.luks.data_offset
+        ),
     )
     on_bytes = progress("decrypting the root filesystem", manifest.root.size)
-    if fsck:
-        with tempfile.TemporaryDirectory(prefix=".membria-fsck-", dir=image.parent) as tmp:
-            plain = Path(tmp) / "root.ext4"
-            digest, fs_uuid = _consume(chunks, on_bytes, plain)
-            run(["e2fsck", "-fn", plain], what="e2fsck of the decrypted root filesystem")
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        digest, fs_uuid = _consume(chunks, on_bytes, None)
+    return _consume(chunks, on_bytes, copy_to)
+
+
+def _root_problems(manifest: ImageManifest, digest: str, fs_uuid: str | None) -> list[str]:
     problems = []
     if digest != manifest.root.sha256:
         problems.append("the decrypted filesystem's sha256 differs from the signed one (ciphertext changed)")
     if fs_uuid != manifest.root.fs_uuid:
         problems.append(f"ext4 UUID is {fs_uuid}, signed {manifest.root.fs_uuid}")
-    if problems:
-        raise ImageError("; ".join(problems))
-    return f"decrypted with the bootstrap key: {manifest.root.size // MIB} MiB, sha256 and ext4 UUID as signed" + (
-        ", e2fsck clean" if fsck else ""
-    )
+    return problems
+
+
+def read_manifest(path: Path, public_key: Ed25519PublicKey | None = None) -> ImageManifest:
+    """The image's manifest: signature-checked with public_key, or only parsed (ImageBadInput when unreadable)."""
+    directory = image_dir(path)
+    if public_key is not None:
+        return check_signature(directory, public_key)
+    try:
+        return ImageManifest.model_validate_json((directory / MANIFEST).read_bytes())
+    except OSError as exc:
+        raise ImageBadInput(f"{directory / MANIFEST}: cannot read the image manifest ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ImageBadInput(f"{directory / MANIFEST}: not an image manifest: {str(exc).splitlines()[0]}") from None
+
+
+def decrypt_root(
+    path: Path,
+    dest: Path,
+    *,
+    public_key: Ed25519PublicKey | None = None,
+    bootstrap_key: bytes | None = None,
+    progress: Progress | None = None,
+) -> ImageManifest:
+    """Decrypt the image's root filesystem (ext4) into dest, a new sparse file (0600), with the bootstrap key.
+
+    Offline, as verify does: the header is read from a private copy, only the block map's ranges are decrypted and
+    holes stay holes. The plaintext must match the manifest's sha256 and ext4 UUID (ImageCheckFailed otherwise, and
+    dest is removed). With public_key the manifest's signature is checked first. The caller owns dest (and its
+    directory: keep it private, the plaintext is everything on the laptop's disk before first boot).
+    """
+    directory = image_dir(path)
+    manifest = read_manifest(directory, public_key)
+    image = directory / manifest.image
+    if not image.is_file():
+        raise ImageBadInput(f"{image}: the manifest's image file is missing")
+    block_map = bmap.parse(directory / manifest.bmap)
+    root = manifest.layout.partition(disk.ROOT_NAME)
+    try:
+        with luks.private_dir() as private:
+            header = private / "luks-header"
+            _copy_range(image, root.start, manifest.luks.data_offset, header)
+            digest, fs_uuid = _plaintext(
+                image,
+                manifest,
+                header,
+                block_map,
+                bootstrap_key,
+                progress or _no_progress,
+                dest,
+                key_bits=manifest.luks.key_bits,  # what the image says: an audit reads images it would fail
+            )
+        problems = _root_problems(manifest, digest, fs_uuid)
+        if problems:
+            raise ImageCheckFailed(f"{image}: " + "; ".join(problems))
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return manifest
 
 
 def _consume(chunks: Iterator[bytes], on_bytes: Callable[[int], None], copy_to: Path | None) -> tuple[str, str | None]:

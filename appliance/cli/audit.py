@@ -150,7 +150,7 @@ def _targets(
         for name in picked
     ]
     for image in images:
-        specs.append(stack.enter_context(_image_target(image, facts)))
+        specs.append(stack.enter_context(_image_target(image, facts, site)))
     if local:
         kind = local_kind or ("edge" if Path("/etc/membria/edge.json").exists() else "core")
         if kind not in ("core", "edge"):
@@ -160,14 +160,17 @@ def _targets(
 
 
 @contextmanager
-def _image_target(image: Path, facts: dict[str, Any]) -> Iterator[Any]:
+def _image_target(image: Path, facts: dict[str, Any], site: Any) -> Iterator[Any]:
+    from appliance import signing_keys
     from appliance.audit import targets
     from appliance.audit.image_root import mounted_root
 
     if not image.is_dir():
         raise BadInput(f"{image} is not an edge image directory", hint="pass the directory `appliance edge build` made")
+    # The site's image key, when it has one: an unsigned or edited image is refused before it is audited.
+    public_key = signing_keys.load_trusted(site.edge.signing.public_key_file) if site.edge is not None else None
     console.print(f"[bold]›[/] decrypting and mounting the root filesystem of {escape(str(image))} (read-only)")
-    with mounted_root(image) as root:
+    with mounted_root(image, public_key=public_key) as root:
         yield targets.chroot_target(image.name, root, kind="image", image=image, facts=facts)
 
 
