@@ -8,15 +8,18 @@ meets `make lab`), then `lab up` again; the tests read what happened; `lab down`
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from appliance.audit import catalog
 from appliance.backends import Backends
 from appliance.core.runner import read_events, summarize
 from appliance.hosts.nspawn import free_network
@@ -24,6 +27,9 @@ from appliance.lab import process
 from appliance.lab.core_node import LabCoreNode
 from appliance.lab.state import LabState
 from appliance.site import Site
+from tests.audit_breaks_access import BREAKS as ACCESS_BREAKS
+from tests.audit_breaks_membria import BREAKS as MEMBRIA_BREAKS
+from tests.audit_breaks_system import BREAKS as SYSTEM_BREAKS
 from tests.conftest import lab_site_data, write_site
 
 pytestmark = [pytest.mark.hosts, pytest.mark.timeout(2400)]
@@ -138,6 +144,94 @@ def test_a_second_up_leaves_the_node_alone(host_lab: HostLab) -> None:
     assert "started core-1" not in host_lab.second.stdout
     first, second = host_lab.applied_at
     assert first and second == first  # no second `core apply`
+
+
+def _audit(host_lab: HostLab, out: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    run = _cli("audit", str(host_lab.site_file), "--host", "core-1", "-o", str(out))
+    report_file = out / "audit-report.json"
+    assert report_file.exists(), f"exit {run.returncode}\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    return run, json.loads(report_file.read_text())
+
+
+# DR evidence is made by operators over time (the node's daily full backup, a quarterly drill); a lab that has just
+# come up has neither, and the audit must say so. See test_the_nodes_full_backup_snapshots_vault below.
+DR_EVIDENCE = {"MEM-DR-RPO", "MEM-DR-RTO"}
+
+
+@pytest.fixture(scope="module")
+def audited(host_lab: HostLab, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The closed loop's first half: core-1 as `lab up` provisioned it, audited through the CLI an auditor runs."""
+    _ok(host_lab.first)
+    root = tmp_path_factory.mktemp("audit")
+    _ok(_cli("audit", "keygen", str(host_lab.site_file)))
+    run, report = _audit(host_lab, root / "good")
+    assert run.returncode in (0, 1), run.stderr[-3000:]
+    return root / "good", report
+
+
+def test_the_audit_confirms_what_the_roles_set_up(audited: tuple[Path, dict[str, Any]]) -> None:
+    """Closed loop: every core control the roles set up passes on the node they provisioned (none fails or errors);
+    the DR evidence controls fail, truthfully, because no full backup or drill has been made yet."""
+    _, report = audited
+    results = report["results"]
+    bad = [
+        (r["control"], r["status"], r["message"])
+        for r in results
+        if r["status"] not in ("pass", "not_applicable") and r["control"] not in DR_EVIDENCE
+    ]
+    assert not bad, bad
+    assert {r["control"] for r in results} == {c.id for c in catalog.shipped().for_kind("core")}
+    assert {r["target"] for r in results} == {"core-1"}
+    # what does not apply says why, and every result carries evidence from the node or the controller
+    assert all(r["message"] for r in results if r["status"] == "not_applicable")
+    assert all(r["evidence"] and r["evidence"][0]["host"] == "core-1" for r in results)
+    assert sum(r["status"] == "pass" for r in results) >= len(results) - 5
+    dr = {r["control"]: r for r in results if r["control"] in DR_EVIDENCE}
+    assert dr["MEM-DR-RTO"]["status"] == "fail" and "dr drill" in dr["MEM-DR-RTO"]["message"]
+    assert dr["MEM-DR-RPO"]["status"] in ("pass", "fail") and dr["MEM-DR-RPO"]["evidence"]
+
+
+def test_the_signed_report_verifies_and_an_edit_is_caught(
+    host_lab: HostLab, audited: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    out, _ = audited
+    _ok(_cli("audit", "verify-report", str(out), "--site", str(host_lab.site_file)))
+    edited = tmp_path / "edited"
+    subprocess.run(["cp", "-a", str(out), str(edited)], check=True)
+    page = edited / "audit-report.html"
+    page.write_text(page.read_text().replace("core-1", "core-9", 1))
+    verify = _cli("audit", "verify-report", str(edited), "--site", str(host_lab.site_file))
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert "audit-report.html" in verify.stdout + verify.stderr
+
+
+def test_every_broken_control_fails_the_audit(
+    host_lab: HostLab, audited: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The closed loop's second half: each control's known-bad state, made on the same node, fails its check.
+    (The DR controls' evidence lives in the lab's S3, which the node cannot break: tests/audit_breaks_membria.py.)"""
+    node = host_lab.node.host
+    breaks = {**MEMBRIA_BREAKS, **SYSTEM_BREAKS, **ACCESS_BREAKS}  # the gateway's edits first: it must still start
+    for control, command in breaks.items():
+        done = node.ssh(command, check=False, timeout=300)
+        assert done.returncode == 0, (control, command, done.stdout[-2000:], done.stderr[-2000:])
+    run, report = _audit(host_lab, tmp_path / "bad")
+    assert run.returncode == 1
+    status = {r["control"]: (r["status"], r["message"]) for r in report["results"]}
+    not_failed = {c: status[c] for c in breaks if status[c][0] != "fail"}
+    assert not not_failed, not_failed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: the node's full backup snapshots Vault, which its deny-by-default token may not "
+    "(sys/mounts, every KV secret); MEM-DR-RPO and MEM-DR-RTO cannot pass on a node until that moves",
+)
+def test_the_nodes_full_backup_snapshots_vault(host_lab: HostLab) -> None:
+    _ok(host_lab.first)
+    backup = host_lab.node.host.ssh("systemctl start membria-dr-backup.service", check=False, timeout=900)
+    journal = host_lab.node.host.ssh("journalctl -u membria-dr-backup.service -n 30 --no-pager", check=False)
+    assert backup.returncode == 0, journal.stdout[-4000:]
 
 
 def test_lab_down_stops_the_node_and_its_bridge(host_lab: HostLab) -> None:
