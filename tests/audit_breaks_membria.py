@@ -72,22 +72,11 @@ while True:
 # its hash (or, with no row written yet, the table is dropped: the log is gone). Waits for the gateway's writer to
 # release the engine between batches, as `appliance audit-log verify` does.
 _CHAIN = """
-import json, sys, time
-from runtime.common.audit import (AuditDbBusy, chdb_engine_holder, chdb_path, client_factory, is_embedded_dsn,
-                                  is_engine_lock_error, quote_table, table_exists)
+import json, sys
+from runtime.common.audit import connect_when_free, quote_table, table_exists
 dsn = json.load(open(sys.argv[1]))["audit"]["dsn"]
 table = quote_table("audit_log")
-deadline = time.monotonic() + 120
-while True:
-    try:
-        if is_embedded_dsn(dsn) and chdb_engine_holder(chdb_path(dsn)) is not None:
-            raise AuditDbBusy(chdb_path(dsn), None)
-        client = client_factory(dsn)()
-        break
-    except Exception as exc:
-        if not (isinstance(exc, AuditDbBusy) or is_engine_lock_error(exc)) or time.monotonic() > deadline:
-            raise
-        time.sleep(0.2)
+client = connect_when_free(dsn, 120)
 try:
     rows = int(client.command(f"SELECT count() FROM {table}")) if table_exists(client, "audit_log") else 0
     if rows:

@@ -52,7 +52,7 @@ def run_target(
         return run
     with tempfile.TemporaryDirectory(prefix="membria-audit-") as tmp:
         spec_file = Path(tmp) / "target.json"
-        spec_file.write_text(spec.model_dump_json())
+        spec_file.write_text(spec.model_copy(update={"control_dir": tmp}).model_dump_json())
         results = Path(tmp) / "results.jsonl"
         argv = [
             sys.executable,

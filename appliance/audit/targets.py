@@ -37,6 +37,9 @@ class TargetSpec(BaseModel):
     facts: dict[str, Any] = Field(
         default_factory=dict, description="what checks compare against, from the site (paths, ports, targets)"
     )
+    control_dir: str | None = Field(
+        default=None, description="a private directory for the SSH connection's master socket (set by the runner)"
+    )
 
     @property
     def sudo(self) -> bool:
@@ -63,6 +66,9 @@ class TargetSpec(BaseModel):
             ssh_identity_file=self.identity_file,
             ssh_extra_args=extra,
             sudo=self.sudo,
+            # One SSH connection for all of a target's commands: without a ControlPath, testinfra's
+            # ControlMaster=auto shares nothing and every command pays a full handshake.
+            controlpath=f"{self.control_dir}/ssh-master" if self.control_dir else None,
         )
 
     def describe(self) -> str:

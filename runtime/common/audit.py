@@ -50,6 +50,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
@@ -658,3 +659,18 @@ def client_factory(dsn: str, *, password: str = "") -> ClientFactory:
         )
 
     return open_server
+
+
+def connect_when_free(dsn: str, wait_s: float, *, poll_s: float = 0.2) -> Client:
+    """A client on the audit DB. An embedded chDB admits one process at a time (the gateway's writer holds it
+    while it writes a batch): wait up to `wait_s` for it, then raise AuditDbBusy. For scripts run on a node."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if is_embedded_dsn(dsn) and chdb_engine_holder(chdb_path(dsn)) is not None:
+                raise AuditDbBusy(chdb_path(dsn), None)
+            return client_factory(dsn)()
+        except Exception as exc:
+            if not (isinstance(exc, AuditDbBusy) or is_engine_lock_error(exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(poll_s)

@@ -21,21 +21,10 @@ GATEWAY_UNIT = "/etc/systemd/system/membria-gateway.service"
 WAIT_S = 60.0
 # Run by the node's runtime interpreter: argv = DSN, table, seconds to wait for the chDB engine. Prints one JSON line.
 _ON_NODE = """
-import json, sys, time
-from runtime.common.audit import (AuditDbBusy, chdb_engine_holder, chdb_path, client_factory, is_embedded_dsn,
-                                  is_engine_lock_error, table_exists, verify_chain)
+import json, sys
+from runtime.common.audit import connect_when_free, table_exists, verify_chain
 dsn, table, wait = sys.argv[1], sys.argv[2], float(sys.argv[3])
-deadline = time.monotonic() + wait
-while True:
-    try:
-        if is_embedded_dsn(dsn) and chdb_engine_holder(chdb_path(dsn)) is not None:
-            raise AuditDbBusy(chdb_path(dsn), None)
-        client = client_factory(dsn)()
-        break
-    except Exception as exc:
-        if not (isinstance(exc, AuditDbBusy) or is_engine_lock_error(exc)) or time.monotonic() > deadline:
-            raise
-        time.sleep(0.2)
+client = connect_when_free(dsn, wait)
 try:
     if not table_exists(client, table):
         print(json.dumps({"ok": False, "missing": True, "rows_checked": 0}))
