@@ -137,18 +137,30 @@ def _targets(
     picked = list(hosts) if hosts else ([] if images or local else list(nodes))
     known_hosts = core_state_dir(site, state_dir) / "core" / "known_hosts"
     known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    specs = [
-        targets.ssh_target(
-            name,
-            nodes[name].address,
-            nodes[name].ssh.user,
-            controller_path(nodes[name].ssh.key),
-            port=nodes[name].ssh.port,
-            known_hosts=known_hosts,
-            facts=facts,
+    specs = []
+    lab_node = _lab_node(site, state_dir)
+    for name in picked:
+        if lab_node is not None and name == lab_node.node.name:
+            # The lab's core-1 is a test host with its own key and pinned host key (as `core apply` reaches it).
+            machine = lab_node.host
+            specs.append(
+                targets.ssh_target(
+                    name, machine.address, machine.user, machine.key_path, known_hosts=machine.known_hosts, facts=facts
+                )
+            )
+            continue
+        node = nodes[name]
+        specs.append(
+            targets.ssh_target(
+                name,
+                node.address,
+                node.ssh.user,
+                controller_path(node.ssh.key),
+                port=node.ssh.port,
+                known_hosts=known_hosts,
+                facts=facts,
+            )
         )
-        for name in picked
-    ]
     for image in images:
         specs.append(stack.enter_context(_image_target(image, facts, site)))
     if local:
@@ -157,6 +169,18 @@ def _targets(
             raise BadInput(f"--local-kind {kind}: use core or edge")
         specs.append(targets.local_target(socket.gethostname(), kind, facts))  # type: ignore[arg-type]
     return specs
+
+
+def _lab_node(site: Any, state_dir: Path | None) -> Any:
+    """core-1 of a lab whose core runs on a test host (`lab.core: host`), else None."""
+    from appliance.core.inventory import is_lab_site
+
+    if not is_lab_site(site) or site.lab.core != "host":
+        return None
+    from appliance.cli.common import lab_state
+    from appliance.lab.core_node import LabCoreNode
+
+    return LabCoreNode(site, lab_state(site, state_dir))
 
 
 @contextmanager
