@@ -84,6 +84,14 @@ def run_audit(
     out = out_dir or Path(f"audit-{site.site.name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
     if out.exists():
         raise BadInput(f"{out} already exists", hint="pick another --output-dir: reports are never overwritten")
+    _known_hosts_only(site, hosts or [])
+    if local_kind not in (None, "core", "edge"):
+        raise BadInput(f"--local-kind {local_kind}: use core or edge")
+    for image in images or []:
+        if not image.is_dir():
+            raise BadInput(
+                f"{image} is not an edge image directory", hint="pass the directory `appliance edge build` made"
+            )
     signing_key = keys.signing_key(site, state_dir)  # before any check runs: a missing key fails in a second
     facts = facts_mod.site_facts(site, site_file, state_dir)
     with ExitStack() as stack:
@@ -115,6 +123,15 @@ def _formats(text: str) -> list[str]:
     return chosen
 
 
+def _known_hosts_only(site: Any, hosts: Sequence[str]) -> None:
+    nodes = [node.name for node in site.core_nodes]
+    unknown = [h for h in hosts if h not in nodes]
+    if unknown:
+        raise BadInput(
+            f"no core node named {', '.join(unknown)} in {site.site.name}", hint=f"nodes: {', '.join(nodes)}"
+        )
+
+
 def _targets(
     site: Any,
     state_dir: Path | None,
@@ -129,11 +146,6 @@ def _targets(
     from appliance.core.inventory import controller_path, core_state_dir
 
     nodes = {node.name: node for node in site.core_nodes}
-    unknown = [h for h in hosts if h not in nodes]
-    if unknown:
-        raise BadInput(
-            f"no core node named {', '.join(unknown)} in {site.site.name}", hint=f"nodes: {', '.join(nodes)}"
-        )
     picked = list(hosts) if hosts else ([] if images or local else list(nodes))
     known_hosts = core_state_dir(site, state_dir) / "core" / "known_hosts"
     known_hosts.parent.mkdir(parents=True, exist_ok=True)
@@ -165,8 +177,6 @@ def _targets(
         specs.append(stack.enter_context(_image_target(image, facts, site)))
     if local:
         kind = local_kind or ("edge" if Path("/etc/membria/edge.json").exists() else "core")
-        if kind not in ("core", "edge"):
-            raise BadInput(f"--local-kind {kind}: use core or edge")
         specs.append(targets.local_target(socket.gethostname(), kind, facts))  # type: ignore[arg-type]
     return specs
 
@@ -189,8 +199,6 @@ def _image_target(image: Path, facts: dict[str, Any], site: Any) -> Iterator[Any
     from appliance.audit import targets
     from appliance.audit.image_root import mounted_root
 
-    if not image.is_dir():
-        raise BadInput(f"{image} is not an edge image directory", hint="pass the directory `appliance edge build` made")
     # The site's image key, when it has one: an unsigned or edited image is refused before it is audited.
     public_key = signing_keys.load_trusted(site.edge.signing.public_key_file) if site.edge is not None else None
     console.print(f"[bold]›[/] decrypting and mounting the root filesystem of {escape(str(image))} (read-only)")
