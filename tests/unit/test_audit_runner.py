@@ -36,7 +36,7 @@ def test_not_applicable(host, target):
     pytest.skip(f"no running system on {target.name}")
 
 def test_silent():
-    """Runs nothing on the target: a pass without evidence must come out as an error."""
+    '''Runs nothing on the target: a pass without evidence must come out as an error.'''
 
 def test_controller_side(evidence):
     evidence.add("handshake with gateway:8443", "TLSv1.3 accepted; token=abc123")
