@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import shlex
 
-from appliance.audit.facts import _literal
+from appliance.audit.facts import role_path
 from appliance.bundle.needs import role_defaults
 
 _GATEWAY = role_defaults("gateway")
 NODE_FILES = {
-    "gateway_config": _literal(_GATEWAY, "gateway_config_file", "gateway"),
+    "gateway_config": role_path(_GATEWAY, "gateway_config_file", "gateway"),
     "gateway_unit": "/etc/systemd/system/membria-gateway.service",
 }
 

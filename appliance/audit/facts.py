@@ -35,14 +35,14 @@ LAB_CLIENT = "lab-admin"
 _REFERENCE = re.compile(r"^\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}(.*)$")
 
 
-def _literal(defaults: dict[str, Any], name: str, role: str) -> str:
+def role_path(defaults: dict[str, Any], name: str, role: str) -> str:
     """A role default that is a plain path, or `{{ other_default }}/rest` (one level), as a string."""
     value = defaults.get(name)
     if not isinstance(value, str):
         raise KeyError(f"roles/{role}/defaults/main.yml has no {name}")
     match = _REFERENCE.match(value)
     if match:
-        return _literal(defaults, match.group(1), role) + match.group(2)
+        return role_path(defaults, match.group(1), role) + match.group(2)
     if "{{" in value:
         raise KeyError(f"roles/{role}/defaults/main.yml: {name} is an expression, not a path ({value})")
     return value
@@ -52,13 +52,13 @@ def node_files(site: Site, lab_state: Path | None) -> dict[str, str]:
     """Where the checked files are on a core node (the roles' defaults), or in the lab's process mode."""
     gateway, core, dr_agent = role_defaults("gateway"), role_defaults("core_server"), role_defaults("dr_agent")
     files = {
-        "gateway_config": _literal(gateway, "gateway_config_file", "gateway"),
-        "core_config": _literal(core, "core_server_config_file", "core_server"),
+        "gateway_config": role_path(gateway, "gateway_config_file", "gateway"),
+        "core_config": role_path(core, "core_server_config_file", "core_server"),
         "gateway_unit": "/etc/systemd/system/membria-gateway.service",
         # The DR agent runs `appliance dr` with --state-dir <dr_agent_state_dir> (roles/dr_agent, membria-dr.sh):
         # for a site with embedded stores its shipper heartbeat is under that state's data directory.
         "dr_heartbeat": (
-            str(LabState(Path(_literal(dr_agent, "dr_agent_state_dir", "dr_agent"))).data_dir / "dr" / "shipper.json")
+            str(LabState(Path(role_path(dr_agent, "dr_agent_state_dir", "dr_agent"))).data_dir / "dr" / "shipper.json")
             if is_lab_site(site)
             else str(PRODUCTION_HEARTBEAT)
         ),
