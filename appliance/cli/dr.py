@@ -215,7 +215,9 @@ def list_backups(site_file: Path = SiteOption, state_dir: Path | None = StateDir
 def restore(
     site_file: Path = SiteOption,
     state_dir: Path | None = StateDirOption,
-    backup_id: str | None = typer.Option(None, "--backup", help="The backup to restore (default: the newest)."),
+    backup_id: str | None = typer.Option(
+        None, "--backup", help="The backup to restore (default: each store's newest)."
+    ),
     into: Path | None = typer.Option(
         None, "--into", help="An empty directory to restore into (chDB, Milvus Lite, SQLite files, OpenBao)."
     ),
@@ -225,10 +227,11 @@ def restore(
     store: list[str] | None = StoreOption,
     yes: bool = typer.Option(False, "--yes", help="With --in-place: go ahead (without it, only the plan is shown)."),
 ) -> None:
-    """Restore the newest (or the named) backup plus every later shipment, checking each object's checksum,
-    each store against its manifest, and printing per-table counts and checksums."""
+    """Restore each store from its newest backup (or all from the named one) plus every later shipment,
+    checking each object's checksum, each store against its backup's manifest, and printing per-table counts
+    and checksums."""
     from appliance.dr.places import ScratchPlace, SitePlace
-    from appliance.dr.restore import choose_manifest, restore_store
+    from appliance.dr.restore import backups_used, choose_manifests, restore_store
     from appliance.dr.stores import STORE_NAMES
 
     if (into is None) == (not in_place):
@@ -238,21 +241,22 @@ def restore(
     backends = _backends(site_file, state_dir)
     names = _stores(store) or list(STORE_NAMES)
     bucket = _bucket(backends)
-    manifest = choose_manifest(bucket, backup_id)
+    manifests = choose_manifests(bucket, backup_id, names)
+    used = backups_used({name: m.backup_id for name, m in manifests.items()})
     if in_place and not yes:
-        console.print(f"would restore backup {manifest.backup_id} and later shipments into the site's own:")
+        console.print("would restore these backups and their later shipments into the site's own stores:")
         for name in names:
-            console.print(f"  - {name}")
+            console.print(f"  - {name}: backup {manifests[name].backup_id}")
         console.print("the targets must be empty; run again with --yes to do it")
         return
     target = SitePlace(backends) if in_place else ScratchPlace(into or Path(), backends)
-    table = _table(
-        f"restored backup {manifest.backup_id}", ("store", "table", "rows", "checksum", "shipments", "seconds")
-    )
+    table = _table(f"restored backup {used}", ("store", "table", "rows", "checksum", "shipments", "seconds"))
     try:
         with tempfile.TemporaryDirectory(prefix="membria-restore-") as tmp, console.status("restoring") as spinner:
             for name in names:
-                result = restore_store(bucket, manifest, name, target, Path(tmp), lambda m: spinner.update(escape(m)))
+                result = restore_store(
+                    bucket, manifests[name], name, target, Path(tmp), lambda m: spinner.update(escape(m))
+                )
                 for tname, total in sorted(result.sums.items()):
                     table.add_row(
                         name, tname, str(total.rows), total.digest[:16], str(result.shipments), f"{result.seconds:.1f}"
@@ -261,7 +265,7 @@ def restore(
         if isinstance(target, ScratchPlace):
             target.close()
     console.print(table)
-    print_ok(f"restore of {manifest.backup_id} verified against its manifest")
+    print_ok(f"restore of {used} verified against its manifest")
 
 
 @app.command()
@@ -269,13 +273,14 @@ def drill(
     site_file: Path = SiteOption,
     state_dir: Path | None = StateDirOption,
     out: Path = typer.Option(Path("dr-drills"), "--out", help="Where the JSON and Markdown reports go."),
-    backup_id: str | None = typer.Option(None, "--backup", help="The backup to drill (default: the newest)."),
+    backup_id: str | None = typer.Option(None, "--backup", help="The backup to drill (default: each store's newest)."),
     store: list[str] | None = StoreOption,
 ) -> None:
     """Simulate a disaster now: restore into an empty scratch target, verify it against the live source,
     measure RTO and RPO per store against the site's targets, and write a report (also kept in the bucket).
     Exit 1 if any store fails verification or misses its RPO/RTO."""
     from appliance.dr.drill import run_drill, write_report
+    from appliance.dr.restore import backups_used
 
     backends = _backends(site_file, state_dir)
     names = _stores(store)
@@ -294,7 +299,7 @@ def drill(
         )
         json_path, md_path = write_report(report, out, bucket)
     table = _table(
-        f"drill {report.drill_id} — backup {report.backup_id}",
+        f"drill {report.drill_id} — backup {backups_used(report.backups)}",
         ("store", "verified", "RPO", "RTO", "unshipped", "result"),
     )
     for s in report.stores:

@@ -100,18 +100,24 @@ def latest_manifest(bucket: DrBucket) -> Manifest | None:
     return read_manifest(bucket, ids[-1]) if ids else None
 
 
-def latest_parts(bucket: DrBucket, stores: list[str] | tuple[str, ...]) -> dict[str, tuple[str, StoreBackup]]:
-    """For each store, (backup id, its part) of the newest backup that includes it; one listing, and each
-    manifest read at most once (usually only the newest: backups normally cover every store)."""
-    found: dict[str, tuple[str, StoreBackup]] = {}
+def latest_manifests(bucket: DrBucket, stores: list[str] | tuple[str, ...]) -> dict[str, Manifest]:
+    """For each store, the newest complete backup that includes it. Backups need not cover every store: the
+    node's DR agent backs up the stores it owns and Vault's snapshot is taken by whoever holds that right
+    (appliance/dr/DESIGN.md, "Who backs up what"). One listing; each manifest read at most once."""
+    found: dict[str, Manifest] = {}
     for backup_id in reversed(backup_ids(bucket)):
         if len(found) == len(stores):
             break
         manifest = read_manifest(bucket, backup_id)
         for name in stores:
             if name not in found and name in manifest.stores:
-                found[name] = (backup_id, manifest.stores[name])
+                found[name] = manifest
     return found
+
+
+def latest_parts(bucket: DrBucket, stores: list[str] | tuple[str, ...]) -> dict[str, tuple[str, StoreBackup]]:
+    """For each store, (backup id, its part) of the newest backup that includes it."""
+    return {name: (m.backup_id, m.stores[name]) for name, m in latest_manifests(bucket, stores).items()}
 
 
 # --- shipments ---------------------------------------------------------------------------------------

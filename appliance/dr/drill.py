@@ -4,7 +4,8 @@ RPO, and write a report an auditor can read (JSON and Markdown, also kept in the
 The simulated disaster happens when the drill starts. For each store:
 - **RPO achieved** = disaster time minus the time the store's protected copy was current up to (its last
   shipment, the shipper's last idle pass, or its backup). That is what a real disaster would have lost.
-- **restore**: its part of the newest backup, checked against the manifest, plus every later shipment.
+- **restore**: its part of the newest backup that includes it (or of the backup named), checked against that
+  backup's manifest, plus every later shipment.
 - **verify**: the restored copy is compared, table by table, with the live source. Changes the source
   made after the watermark (what the RPO says would be lost) are first applied to the copy, counted and
   reported, so the comparison proves the copy plus exactly those changes equals the source.
@@ -81,13 +82,18 @@ class DrillReport:
     drill_id: str
     site: str
     disaster_time: float
-    backup_id: str
+    backups: dict[str, str]  # store -> the backup it was restored from (each store's newest, unless named)
     stores: list[StoreDrill]
     finished_at: float = 0.0
 
     @property
     def ok(self) -> bool:
         return bool(self.stores) and all(s.ok for s in self.stores)
+
+    @property
+    def backup_id(self) -> str:
+        """The newest backup the drill restored from (each store's is in `backups`)."""
+        return max(self.backups.values(), default="")
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -96,6 +102,7 @@ class DrillReport:
             "disaster_time": _iso(self.disaster_time),
             "finished_at": _iso(self.finished_at),
             "backup_id": self.backup_id,
+            "backups": dict(self.backups),
             "ok": self.ok,
             "stores": [s.to_wire() for s in self.stores],
         }
@@ -106,7 +113,9 @@ class DrillReport:
             "",
             f"- Result: **{'PASSED' if self.ok else 'FAILED'}**",
             f"- Simulated disaster: {_iso(self.disaster_time)}",
-            f"- Restored from backup `{self.backup_id}` plus later shipments, into an empty target",
+            "- Restored from "
+            + ", ".join(f"{store} `{backup}`" for store, backup in self.backups.items())
+            + " plus later shipments, into an empty target",
             f"- Finished: {_iso(self.finished_at)}",
             "",
             "| store | verified | RPO achieved | RPO target | RTO measured | RTO target | shipments | "
@@ -156,7 +165,7 @@ def run_drill(
     backup_id: str | None = None,
     progress: Progress,
 ) -> DrillReport:
-    from appliance.dr.restore import choose_manifest
+    from appliance.dr.restore import choose_manifests
 
     site = backends.site
     disaster = time.time()
@@ -164,12 +173,12 @@ def run_drill(
     beats = Heartbeat(heartbeat_path(backends)).read()
     backups = catalog.latest_parts(bucket, names)
     copies = {name: shipped_up_to(bucket, name, beats, backups)[0] for name in names}
-    manifest = choose_manifest(bucket, backup_id)
+    manifests = choose_manifests(bucket, backup_id, names)
     report = DrillReport(
         drill_id=f"{datetime.fromtimestamp(disaster, UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}",
         site=site.site.name,
         disaster_time=disaster,
-        backup_id=manifest.backup_id,
+        backups={name: manifests[name].backup_id for name in names},
         stores=[],
     )
     source = SitePlace(backends)
@@ -182,9 +191,9 @@ def run_drill(
             drill.rpo_seconds = None if up_to is None else max(0.0, disaster - up_to)
             started = time.monotonic()
             try:
-                drill.restore = restore_store(bucket, manifest, name, target, workdir, progress)
+                drill.restore = restore_store(bucket, manifests[name], name, target, workdir, progress)
                 drill.unshipped_changes, drill.mismatches = _verify(
-                    name, source, target, bucket, manifest, drill.restore, progress
+                    name, source, target, bucket, manifests[name], drill.restore, progress
                 )
             except Exception as exc:  # noqa: BLE001 - a store that fails is reported; the drill goes on
                 drill.error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"

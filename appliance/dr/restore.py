@@ -121,12 +121,34 @@ def restore_store(
     return StoreRestore(name, manifest.backup_id, shipped, applied, up_to, time.monotonic() - started, sums)
 
 
-def choose_manifest(bucket: DrBucket, backup_id: str | None) -> catalog.Manifest:
+def choose_manifests(bucket: DrBucket, backup_id: str | None, stores: list[str]) -> dict[str, catalog.Manifest]:
+    """The backup each store restores from: the named one for all of them, or each store's newest backup (backups
+    may cover some stores only: the node's own stores and Vault's snapshot are taken apart). Raises CheckFailed
+    naming every store that has no backup to restore from, before anything is restored."""
     if backup_id is not None:
         if not catalog.valid_backup_id(backup_id):
             raise CheckFailed(f"{backup_id!r} is not a backup id (they look like 20261121T120000Z-a1b2c3)")
-        return catalog.read_manifest(bucket, backup_id)
-    manifest = catalog.latest_manifest(bucket)
-    if manifest is None:
-        raise CheckFailed("there is no complete backup in the bucket", hint="run `appliance dr backup` first")
-    return manifest
+        manifest = catalog.read_manifest(bucket, backup_id)
+        missing = [name for name in stores if name not in manifest.stores]
+        if missing:
+            raise CheckFailed(
+                f"backup {backup_id} does not include {', '.join(missing)} (it holds {', '.join(manifest.stores)})",
+                hint="leave out --backup to restore each store from its own newest backup, or name the stores with "
+                "--store",
+            )
+        return {name: manifest for name in stores}
+    manifests = catalog.latest_manifests(bucket, stores)
+    missing = [name for name in stores if name not in manifests]
+    if missing:
+        raise CheckFailed(
+            f"there is no complete backup of {', '.join(missing)} in the bucket",
+            hint="run `appliance dr backup" + "".join(f" --store {name}" for name in missing) + "` first",
+        )
+    return manifests
+
+
+def backups_used(backup_ids: dict[str, str]) -> str:
+    """The backups a restore or drill used (store -> backup id), for a title: one id, or each store's."""
+    if len(set(backup_ids.values())) == 1:
+        return next(iter(backup_ids.values()))
+    return ", ".join(f"{name} {backup_id}" for name, backup_id in backup_ids.items())

@@ -187,6 +187,7 @@ def test_second_apply_changes_nothing(provisioned: Provisioned) -> None:
         "prometheus-node-exporter",
         "membria-dr-ship.timer",
         "membria-dr-backup.timer",
+        "membria-dr-drill.timer",
     ],
 )
 def test_services_run(provisioned: Provisioned, unit: str) -> None:

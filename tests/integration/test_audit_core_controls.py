@@ -7,8 +7,10 @@ real audit runner, against the session lab: real OpenBao, chDB, gateway and core
   chDB, a unit file naming its interpreter) sit where the facts say, audited as a node is (the audit log verified
   by the node's interpreter); then broken with tests/audit_breaks_membria.py's commands (the hosts tier runs the
   same on a provisioned node), restarted, and audited again.
-- DR: sites derived from the lab's with their own bucket prefix: one with a real `appliance dr backup` and
-  `appliance dr drill`, one with none, one whose targets the same drill misses.
+- DR: sites derived from the lab's with their own bucket prefix: one backed up and drilled as a node's site is
+  (Vault's snapshot apart from the node's own stores, so the checks must combine each store's newest backup and
+  drill), one with none, one whose targets the same drills miss, and one whose only backup and drill are of one
+  store.
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ def audit(spec: TargetSpec, only: set[str] | None = None) -> Report:
 
 @dataclass(frozen=True)
 class DrSites:
-    good: Path  # a fresh backup and a passed drill, generous RPO targets (a loaded machine is slow)
-    strict: Path  # the same bucket, targets of 1 s: the same copies are too old, the same drill too slow
+    good: Path  # fresh backups and passed drills, generous RPO targets (a loaded machine is slow)
+    strict: Path  # the same bucket, targets of 1 s: the same copies are too old, the same drills too slow
     empty: Path  # a prefix nothing was ever written to
+    partial: Path  # a prefix with a backup and a drill of the `state` store only
     backup_s: float
     drill_s: float
 
@@ -96,20 +99,31 @@ def dr_sites(lab: GatewayLab, tmp_path_factory: pytest.TempPathFactory) -> DrSit
     root = tmp_path_factory.mktemp("audit-dr")
     tag = os.urandom(3).hex()
     good = _derived(lab, root, "good", f"audit-{tag}", 900, None)
+    # As on a node's site: the node's DR agent backs up and drills the stores it owns, the operator Vault.
+    split = (["--store", "vault"], ["--store", "state", "--store", "audit_db", "--store", "vectors"])
     started = time.monotonic()
-    backup = cli(lab, "dr", "backup", "--site", str(good))
-    assert backup.returncode == 0, backup.stdout[-3000:] + backup.stderr[-3000:]
+    for stores in split:
+        _ok(cli(lab, "dr", "backup", "--site", str(good), *stores))
     backup_s = time.monotonic() - started
     started = time.monotonic()
-    drill = cli(lab, "dr", "drill", "--site", str(good), "--out", str(root / "drills"))
-    assert drill.returncode == 0, drill.stdout[-3000:] + drill.stderr[-3000:]
+    for stores in split:
+        _ok(cli(lab, "dr", "drill", "--site", str(good), "--out", str(root / "drills"), *stores))
+    drill_s = time.monotonic() - started
+    partial = _derived(lab, root, "partial", f"audit-partial-{tag}", 900, None)
+    _ok(cli(lab, "dr", "backup", "--site", str(partial), "--store", "state"))
+    _ok(cli(lab, "dr", "drill", "--site", str(partial), "--out", str(root / "drills"), "--store", "state"))
     return DrSites(
         good=good,
         strict=_derived(lab, root, "strict", f"audit-{tag}", 1, 1),
         empty=_derived(lab, root, "empty", f"audit-empty-{tag}", None, None),
+        partial=partial,
         backup_s=backup_s,
-        drill_s=time.monotonic() - started,
+        drill_s=drill_s,
     )
+
+
+def _ok(run: subprocess.CompletedProcess[str]) -> None:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def facts_for(lab: GatewayLab, site_file: Path, no_heartbeat: Path) -> dict[str, Any]:
@@ -303,6 +317,22 @@ def test_expired_or_foreign_licenses_and_missed_dr_targets_fail(
     report = audit(local_target(NODE, "core", facts), {"MEM-LICENSE"})
     assert statuses(report) == {"MEM-LICENSE": "fail"}, explain(report)
     assert "not the site's key" in by_control(report)["MEM-LICENSE"].message
+
+
+def test_stores_no_backup_or_drill_covered_fail_dr(
+    lab: GatewayLab, node: LocalNode, dr_sites: DrSites, tmp_path: Path
+) -> None:
+    """Backups and drills may cover some stores only; each store needs its own, and the message names those without."""
+    report = audit(
+        local_target(NODE, "core", node_facts(lab, node, dr_sites.partial, tmp_path)), {"MEM-DR-RPO", "MEM-DR-RTO"}
+    )
+    results = by_control(report)
+    assert statuses(report) == {"MEM-DR-RPO": "fail", "MEM-DR-RTO": "fail"}, explain(report)
+    rpo, rto = results["MEM-DR-RPO"].message, results["MEM-DR-RTO"].message
+    for store in ("vault", "audit_db", "vectors"):
+        assert f"{store}: never backed up nor shipped" in rpo
+        assert f"restored {store}: run `appliance dr drill --store {store}`" in rto
+    assert "state:" not in rpo and "restored state" not in rto  # the one store that was covered passes
 
 
 def test_a_tampered_audit_log_fails_from_the_controller(

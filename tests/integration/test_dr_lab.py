@@ -183,6 +183,23 @@ def test_in_place_restore_shows_the_plan_without_yes(lab: GatewayLab, backed_up:
     assert "run again with --yes" in out
 
 
+def test_each_store_restores_from_its_own_newest_backup(lab: GatewayLab, backed_up: str, tmp_path: Path) -> None:
+    """A backup of some stores only (a node backs up its own stores, Vault's snapshot is taken apart) does not hide
+    the other stores' backups: without --backup each store comes from its own newest backup; with --backup, a store
+    that backup lacks is refused before anything is restored."""
+    b = bucket(lab)
+    audit_db_backup = catalog.latest_manifests(b, ["audit_db"])["audit_db"].backup_id
+    ok(appliance(lab, "dr", "backup", "--store", "state"))
+    newest = catalog.backup_ids(b)[-1]
+    assert newest != audit_db_backup and set(catalog.read_manifest(b, newest).stores) == {"state"}
+    out = ok(appliance(lab, "dr", "restore", "--into", str(tmp_path / "r"), "--store", "state", "--store", "audit_db"))
+    assert f"state {newest}" in out and f"audit_db {audit_db_backup}" in out
+    refused = appliance(lab, "dr", "restore", "--into", str(tmp_path / "x"), "--backup", newest, "--store", "audit_db")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"backup {newest} does not include audit_db" in refused.stderr
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
 def test_a_corrupted_shipment_fails_the_restore_clearly(lab: GatewayLab, backed_up: str, tmp_path: Path) -> None:
     b = bucket(lab)
     upload(lab, "dr-corrupt", "A document shipped and then corrupted in the bucket.")
