@@ -7,6 +7,7 @@ them and `lab status` checks them with a real query too.
 
 from __future__ import annotations
 
+import errno
 import json
 import secrets
 import shutil
@@ -68,10 +69,7 @@ class EmbeddedService(ABC):
         """A real request that proves the service does its job."""
 
     def port_taken(self) -> bool:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            return sock.connect_ex((self.host, self.port)) == 0
+        return port_in_use(self.host, self.port)
 
     def _url_host(self) -> str:
         return f"[{self.host}]" if ":" in self.host else self.host
@@ -121,6 +119,20 @@ def ensure_seal_key(path: Path) -> None:
     """The static auto-unseal key: 32 random bytes, 0600, made once and kept (raft snapshots need it)."""
     if not path.exists():
         atomic.write_bytes(path, secrets.token_bytes(32), mode=0o600)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a program on this machine holds `port` on `host`. Asked by binding, not by connecting: a connection
+    to an address this machine does not have yet (the lab bridge's, before the relay's `prepare` raises it) leaves
+    the machine, and a network that accepts every connection (a transparent proxy) would make any port look taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a connection in TIME_WAIT holds nothing
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def port_free(host: str, port: int) -> bool:
