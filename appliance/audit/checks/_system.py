@@ -226,20 +226,43 @@ def check_sysctl(host: Any, target: Any, evidence: Any, wanted: dict[str, tuple[
 # ---- filesystems ------------------------------------------------------------------------------------------
 
 
+def _mounts(host: Any) -> list[tuple[str, str, list[str]]]:
+    """(target, fstype, options) of every mount on a running system."""
+    out = []
+    for line in run(host, "findmnt -rn -o TARGET,FSTYPE,OPTIONS").stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            out.append((parts[0], parts[1], parts[2].split(",")))
+    return out
+
+
 def local_mounts(host: Any, target: Any) -> list[str]:
-    """The local filesystems to search: every mount of a local type on a running system; the root on an image."""
+    """The local filesystems to search: every writable mount of a local type on a running system; the root on an
+    image. Read-only mounts are left out (and pruned from the others' search: a bind mount shares its device, so
+    `-xdev` does not stop at it), as the base role leaves them out: nothing on them can be written, and nothing
+    there can be remediated (a test host's read-only bind of the checkout, which may hold another machine's tree
+    with that machine's owners)."""
     if not target.running:
         return ["/"]
-    mounts = []
-    for line in run(host, "findmnt -rn -o TARGET,FSTYPE").stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1] in LOCAL_FSTYPES and not parts[0].startswith("/run/user/"):
-            mounts.append(parts[0])
+    mounts = [
+        mount
+        for mount, fstype, options in _mounts(host)
+        if fstype in LOCAL_FSTYPES and "ro" not in options and not mount.startswith("/run/user/")
+    ]
     return mounts or ["/"]
+
+
+def read_only_mounts(host: Any, target: Any) -> list[str]:
+    """The mount points a search of the local filesystems skips (see `local_mounts`)."""
+    if not target.running:
+        return []
+    return [mount for mount, _fstype, options in _mounts(host) if "ro" in options and mount != "/"]
 
 
 def find_on_local(host: Any, target: Any, expression: str, limit: int = 50) -> list[str]:
     """Paths on the local filesystems matching a `find` expression (at most `limit`, the rest counted)."""
     mounts = " ".join(q(m) for m in local_mounts(host, target))
-    result = run(host, f"find {mounts} -xdev {expression} -print 2>/dev/null | head -n {limit}")
+    prune = " -o ".join(f"-path {q(m)}" for m in read_only_mounts(host, target)) or "-false"
+    search = f"find {mounts} -xdev \\( {prune} \\) -prune -o {expression} -print"
+    result = run(host, f"{search} 2>/dev/null | head -n {limit}")
     return [line for line in result.stdout.splitlines() if line]
