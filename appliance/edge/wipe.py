@@ -42,6 +42,7 @@ from appliance.pki import Pki
 from appliance.signing_keys import backends
 from appliance.site import Site
 from runtime.common import atomic
+from runtime.common.file_lock import exclusive
 from runtime.common.identity import ORG_FOR_KIND
 
 WIPE_LIST_PATH = "membria/edge/wipe-list"
@@ -268,7 +269,7 @@ def request(site: Site, wanted: WipePlan, *, state_dir: Path | None = None) -> W
     except requests.exceptions.RequestException as exc:
         raise ServiceError(f"Vault is unreachable: {type(exc).__name__}") from exc
     done = WipeDone(data["devices"][wanted.device], added, revoked, token_revoked, version)
-    done.rendered = _lab_render(site, state_dir, data, pki)
+    done.rendered = _lab_render(site, state_dir, client, store.kv_mount, pki)
     return done
 
 
@@ -294,7 +295,7 @@ def cancel(site: Site, *, device: str, dry_run: bool = False, state_dir: Path | 
         raise _vault_error(f"take {device} off the wipe list", exc) from exc
     except requests.exceptions.RequestException as exc:
         raise ServiceError(f"Vault is unreachable: {type(exc).__name__}") from exc
-    _lab_render(site, state_dir, data, Pki.for_site(site, client))
+    _lab_render(site, state_dir, client, store.kv_mount, Pki.for_site(site, client))
     return before if changed else None
 
 
@@ -307,9 +308,18 @@ def render(path: Path, data: dict[str, Any]) -> bool:
     return True
 
 
-def _lab_render(site: Site, state_dir: Path | None, data: dict[str, Any], pki: Pki) -> list[Path]:
+def render_lock(list_path: Path) -> Path:
+    """Held while reading the list from Vault and rendering it, by every renderer of one file."""
+    return list_path.with_name(".wipe-render.lock")
+
+
+def _lab_render(site: Site, state_dir: Path | None, client: hvac.Client, kv_mount: str, pki: Pki) -> list[Path]:
     """The lab has no Vault agent: render the wipe list, then the CRL, for its gateway (list first, so the
-    gateway never sees the device revoked and not listed)."""
+    gateway never sees the device revoked and not listed).
+
+    Both are read from Vault again under a lock, not taken from this process's own write: two wipes at once
+    would otherwise each render what they wrote, and the slower one would drop the other's device from the
+    file (the agent, too, renders the newest version)."""
     if not site.embedded["vault"]:
         return []
     from appliance.lab.bootstrap import crl_path, write_crl
@@ -317,6 +327,13 @@ def _lab_render(site: Site, state_dir: Path | None, data: dict[str, Any], pki: P
     from appliance.lab.state import LabState
 
     state = LabState.at(state_dir or site.lab.state_dir)
-    render(wipe_list_path(state), data)
-    write_crl(state, pki)
+    with exclusive(render_lock(wipe_list_path(state))):
+        try:
+            data, _ = read_list(client, kv_mount)
+            render(wipe_list_path(state), data)
+            write_crl(state, pki)
+        except hvac.exceptions.VaultError as exc:
+            raise _vault_error("render the wipe list and the CRL for the lab's gateway", exc) from exc
+        except requests.exceptions.RequestException as exc:
+            raise ServiceError(f"Vault is unreachable: {type(exc).__name__}") from exc
     return [wipe_list_path(state), crl_path(state)]

@@ -20,6 +20,7 @@ from appliance.lab.services import EmbeddedService, Health, OpenBao
 from appliance.lab.state import LabState
 from appliance.site import ExternalVault, Site
 from runtime.common import atomic
+from runtime.common.file_lock import exclusive
 from runtime.common.tls import TlsFiles, client_context
 
 AUDIT_KEY_ENV = "MEMBRIA_AUDIT_HMAC_KEY"
@@ -177,8 +178,9 @@ class Gateway(_RuntimeService):
         """KV membria/edge/wipe-list -> the gateway's wipe list (what the Vault agent does on a rack)."""
         from appliance.edge import wipe
 
-        data, _ = wipe.read_list(backends.vault(), backends.kv_mount)
-        wipe.render(wipe_list_path(self.state), data)
+        with exclusive(wipe.render_lock(wipe_list_path(self.state))):  # a wipe may be rendering it too
+            data, _ = wipe.read_list(backends.vault(), backends.kv_mount)
+            wipe.render(wipe_list_path(self.state), data)
 
     def env(self) -> dict[str, str]:
         return {AUDIT_KEY_ENV: self._audit_key}

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,19 @@ def audit_rows(lab: GatewayLab) -> list[dict[str, Any]]:
     assert done.returncode == 0, done.stderr
     rows: list[dict[str, Any]] = json.loads(done.stdout)
     return rows
+
+
+def audit_rows_until(
+    lab: GatewayLab, wanted: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 30
+) -> list[dict[str, Any]]:
+    """The audit rows once `wanted(rows)` holds, or as they are after `timeout_s` (the caller's assertion then
+    says what is missing): the gateway's audit writer inserts in batches, up to half a second after a request."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = audit_rows(lab)
+        if wanted(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
 
 
 # --- more gateways next to the lab's ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from edge_image.device import guard
 from edge_image.device import wipe as device_wipe
 from runtime.common.tls import TlsFiles
 from tests.conftest import REPO
-from tests.integration.conftest import GatewayLab, audit_rows
+from tests.integration.conftest import GatewayLab, audit_rows_until
 from tests.integration.test_edge_enrollment import cli, device_name, enroll, mint, site_file  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -136,9 +136,14 @@ def test_wipe_lists_and_revokes_and_the_revoked_laptop_gets_its_command_there_on
             assert refused.status_code == 401, refused.text
             assert refused.json()["error"]["code"] == "certificate_revoked"
 
-    rows = [r for r in audit_rows(lab) if r["route"] == ACK_ROUTE]
-    assert any(r["status"] == 200 and r["decision"] == "allow" and entry["id"] in r["reason"] for r in rows), rows
-    assert any(r["status"] == 404 for r in rows)
+    def allowed_and_refused(rows: list[dict[str, Any]]) -> bool:
+        acks = [r for r in rows if r["route"] == ACK_ROUTE]
+        return any(
+            r["status"] == 200 and r["decision"] == "allow" and entry["id"] in r["reason"] for r in acks
+        ) and any(r["status"] == 404 for r in acks)
+
+    rows = audit_rows_until(lab, allowed_and_refused)
+    assert allowed_and_refused(rows), [r for r in rows if r["route"] == ACK_ROUTE]
 
     # Again: nothing changes (same command id, same list version), exit 0 without asking.
     _, version = wipe.read_list(lab.backends.vault(), lab.backends.kv_mount)
@@ -197,6 +202,28 @@ def test_two_operators_never_lose_each_others_entry(lab: GatewayLab) -> None:
     assert first in listed(lab)
     wipe.update_list(client, kv, lambda d: wipe.without_entry(d, first))
     wipe.update_list(client, kv, lambda d: wipe.without_entry(d, second))
+
+
+def test_the_lab_renders_what_vault_holds_not_what_it_wrote(lab: GatewayLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another operator lists a device after our write and before our render: the file shows both (a render of
+    our own write would drop theirs until the next wipe)."""
+    ours, theirs = device_name("ours"), device_name("theirs")
+    real_update = wipe.update_list
+
+    def update_then_another_operator(*args: Any, **kwargs: Any) -> tuple[dict[str, Any], int, bool]:
+        result = real_update(*args, **kwargs)
+        real_update(args[0], args[1], lambda d: wipe.with_entry(d, theirs, {"id": "wipe-theirs"}))
+        return result
+
+    monkeypatch.setattr(wipe, "update_list", update_then_another_operator)
+    wanted = wipe.plan(lab.site, device=ours, reason="lost", state_dir=lab.state.root)
+    wipe.request(lab.site, wanted, state_dir=lab.state.root)
+    monkeypatch.undo()
+    rendered = json.loads(wipe_list_path(lab.state).read_text())["devices"]
+    assert {ours, theirs} <= set(rendered)
+    for device in (ours, theirs):
+        wipe.cancel(lab.site, device=device, state_dir=lab.state.root)
+    assert not {ours, theirs} & set(json.loads(wipe_list_path(lab.state).read_text())["devices"])
 
 
 def test_concurrent_wipes_and_cancel_through_the_cli(
@@ -269,5 +296,9 @@ def test_the_guard_acks_and_wipes_the_luks_volume(
     (wiped,) = result.wiped
     assert wiped.device == partition and wiped.reason == "left in a taxi" and wiped.keyslots_erased == ("0",)
     assert luks.read_header(partition).keyslots == {} and not luks.opens(partition, recovery)
-    rows = [r for r in audit_rows(lab) if r["route"] == ACK_ROUTE and entry["id"] in r["reason"]]
+
+    def ours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rows if r["route"] == ACK_ROUTE and entry["id"] in r["reason"]]
+
+    rows = ours(audit_rows_until(lab, ours))
     assert [r["status"] for r in rows] == [200]

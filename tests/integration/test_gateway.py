@@ -53,7 +53,7 @@ from runtime.common.license import License
 from runtime.common.tls import TlsFiles, client_context
 from runtime.core.settings import CoreSettings
 from tests.conftest import EXAMPLES, REPO, free_port
-from tests.integration.conftest import GatewayLab, audit_rows, gateway_env
+from tests.integration.conftest import GatewayLab, audit_rows_until, gateway_env
 
 pytestmark = pytest.mark.integration
 
@@ -1026,13 +1026,8 @@ def test_every_request_leaves_a_pseudonymized_row_in_an_intact_chain(lab: Gatewa
     with lab.client(None) as client:
         request_ids["anonymous"] = client.get("/v1/knowledge/documents?department=sales").headers["x-request-id"]
 
-    deadline = time.monotonic() + 30
-    while True:
-        rows = audit_rows(lab)
-        by_id = {row["request_id"]: row for row in rows}
-        if all(rid in by_id for rid in request_ids.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    rows = audit_rows_until(lab, lambda rows: set(request_ids.values()) <= {r["request_id"] for r in rows})
+    by_id = {row["request_id"]: row for row in rows}
     assert all(rid in by_id for rid in request_ids.values()), request_ids
 
     alice = pseudonymize("alice", lab.audit_key())

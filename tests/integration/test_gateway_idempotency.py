@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from runtime.gateway.idempotency import (
     request_hash,
     validate_key,
 )
-from tests.integration.conftest import ExtraGateway, GatewayLab, audit_rows, metric_value
+from tests.integration.conftest import ExtraGateway, GatewayLab, audit_rows_until, metric_value
 
 pytestmark = pytest.mark.integration
 
@@ -96,12 +95,8 @@ def test_a_repeated_key_is_replayed_without_a_second_core_call(lab: GatewayLab) 
     # The audit log has both requests; the replay's row says it was one, naming the key by its digest only.
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     ids = {first.headers["x-request-id"]: "first", second.headers["x-request-id"]: "replay"}
-    deadline = time.monotonic() + 30  # the audit writer inserts in batches
-    while True:
-        rows = {r["request_id"]: r for r in audit_rows(lab) if r["request_id"] in ids}
-        if set(rows) == set(ids) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    logged = audit_rows_until(lab, lambda rows: set(ids) <= {r["request_id"] for r in rows})
+    rows = {r["request_id"]: r for r in logged if r["request_id"] in ids}
     assert set(rows) == set(ids)
     for request_id, which in ids.items():
         row_text = rows[request_id]
