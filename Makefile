@@ -28,7 +28,7 @@ TEST_TIERS ?= (unit or integration or hosts or image) and not slow
 SLOW_TIERS ?= slow or boot
 PYTEST_ARGS ?=
 # Python trees to lint (bench/ once it exists).
-PY_DIRS := appliance runtime edge_image tests $(wildcard bench)
+PY_DIRS := appliance runtime edge_image stacks tests $(wildcard bench)
 
 .PHONY: help lab lab-status lab-down test test-slow lint typecheck pytest venv clean
 
@@ -54,7 +54,7 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	@echo "installing the project into $(VENV) (llama-cpp-python compiles once: several minutes on 2 cores)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[lab,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[lab,dev,iac]'
 	@touch $@
 
 venv: $(STAMPS)/venv
