@@ -73,7 +73,7 @@ lint: $(STAMPS)/venv
 	$(BIN)/ruff format --check $(PY_DIRS)
 
 typecheck: $(STAMPS)/venv
-	$(BIN)/mypy appliance runtime edge_image
+	$(BIN)/mypy appliance runtime edge_image stacks
 
 pytest: $(STAMPS)/venv
 	$(BIN)/pytest -m "$(TEST_TIERS)" $(PYTEST_ARGS)
