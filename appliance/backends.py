@@ -48,6 +48,46 @@ class S3Target:
     endpoint: str
 
 
+# The field names of an S3 target's credentials in Vault KV (the site file names only the path).
+S3_ACCESS_KEY_FIELD = "access_key"
+S3_SECRET_KEY_FIELD = "secret_key"  # noqa: S105 - a field name, not a secret
+
+
+@dataclass(frozen=True)
+class S3Spec:
+    """Where one DR target is and where its credentials are, without reading them (no client, no Vault)."""
+
+    endpoint: str
+    region: str
+    bucket: str
+    credentials_path: str  # KV v2 path under kv_mount, with S3_ACCESS_KEY_FIELD and S3_SECRET_KEY_FIELD
+    kv_mount: str
+    target: str  # "primary" or "replica"
+
+
+def kv_mount(site: Site) -> str:
+    """The KV v2 mount the site's secrets live in."""
+    vault = site.services.vault
+    return vault.kv_mount if isinstance(vault, ExternalVault) else EMBEDDED_KV_MOUNT
+
+
+def s3_target_spec(site: Site, target: str, state: LabState | None) -> S3Spec:
+    """The S3 `target` of the site; `state` is needed for the embedded one (its endpoint is the lab's)."""
+    targets = site.services.s3
+    spec = targets.primary if target == "primary" else targets.replica if target == "replica" else None
+    if spec is None:
+        raise ServiceError(f"the site has no S3 {target} target")
+    if isinstance(spec, EmbeddedS3):
+        from appliance.lab.services import S3Server
+
+        if state is None:
+            raise MissingEnvironment("s3 is embedded but no lab state directory was given")
+        endpoint, region, path = S3Server(site, state).endpoint, "us-east-1", s3_credentials_path(target)
+    else:
+        endpoint, region, path = str(spec.url).rstrip("/"), spec.region, spec.credentials_vault_path
+    return S3Spec(endpoint, region, spec.bucket, path, kv_mount(site), target)
+
+
 class Backends:
     """Clients for a site's services. `state` is the lab state directory, needed for embedded ones."""
 
@@ -65,8 +105,7 @@ class Backends:
 
     @property
     def kv_mount(self) -> str:
-        vault = self.site.services.vault
-        return vault.kv_mount if isinstance(vault, ExternalVault) else EMBEDDED_KV_MOUNT
+        return kv_mount(self.site)
 
     def vault(self) -> hvac.Client:
         if self._vault is None:
@@ -121,32 +160,20 @@ class Backends:
         import boto3
         from botocore.config import Config
 
-        targets = self.site.services.s3
-        spec = targets.primary if target == "primary" else targets.replica
-        if spec is None:
-            raise ServiceError(f"the site has no S3 {target} target")
-        if isinstance(spec, EmbeddedS3):
-            from appliance.lab.services import S3Server
-
-            endpoint = S3Server(self.site, self._lab_state("s3")).endpoint
-            creds = self.read_secret(s3_credentials_path(target))
-            region = "us-east-1"
-        else:
-            endpoint = str(spec.url).rstrip("/")
-            creds = self.read_secret(spec.credentials_vault_path)
-            region = spec.region
-        missing = {"access_key", "secret_key"} - creds.keys()
+        spec = s3_target_spec(self.site, target, self.state)
+        creds = self.read_secret(spec.credentials_path)
+        missing = {S3_ACCESS_KEY_FIELD, S3_SECRET_KEY_FIELD} - creds.keys()
         if missing:
             raise ServiceError(f"the S3 {target} credentials in Vault lack {', '.join(sorted(missing))}")
         client = boto3.client(
             "s3",
-            endpoint_url=endpoint,
-            region_name=region,
-            aws_access_key_id=creds["access_key"],
-            aws_secret_access_key=creds["secret_key"],
+            endpoint_url=spec.endpoint,
+            region_name=spec.region,
+            aws_access_key_id=creds[S3_ACCESS_KEY_FIELD],
+            aws_secret_access_key=creds[S3_SECRET_KEY_FIELD],
             config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
         )
-        return S3Target(client=client, bucket=spec.bucket, endpoint=endpoint)
+        return S3Target(client=client, bucket=spec.bucket, endpoint=spec.endpoint)
 
     # -- vectors (Milvus / Milvus Lite) ------------------------------------------------------------------
 

@@ -20,9 +20,10 @@ uses a role `<role>--<D>` derived from the base role on first use.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hvac
 import hvac.exceptions
@@ -34,6 +35,41 @@ from runtime.common.identity import ORG_FOR_KIND, Kind
 
 ROOT_TTL = "87600h"
 INTERMEDIATE_TTL = "43800h"
+
+# The mount names of an embedded Vault (OpenBao); an external one names its own in the site file.
+DEFAULT_ROOT_MOUNT = "pki"
+DEFAULT_INT_MOUNT = "pki_int"
+
+
+class PkiMounts(NamedTuple):
+    root_mount: str
+    int_mount: str
+
+
+def mounts_for_site(site: Site) -> PkiMounts:
+    """The site's PKI mounts (what `Pki.for_site` uses), without a Vault client."""
+    vault = site.services.vault
+    if isinstance(vault, ExternalVault):
+        return PkiMounts(vault.pki_mount, vault.pki_int_mount)
+    return PkiMounts(DEFAULT_ROOT_MOUNT, DEFAULT_INT_MOUNT)
+
+
+_DURATION = re.compile(r"(\d+)([hms]?)")
+_UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1, "": 1}
+
+
+def _duration(text: str) -> int | None:
+    """Seconds in a Vault duration ("24h", "30m", "45s", "86400"); None when `text` is not one."""
+    match = _DURATION.fullmatch(text.strip())
+    return int(match[1]) * _UNIT_SECONDS[match[2]] if match else None
+
+
+def ttl_seconds(text: str) -> int:
+    """A Vault duration in seconds: "24h" -> 86400 (h, m, s or plain seconds)."""
+    seconds = _duration(text)
+    if seconds is None:
+        raise ValueError(f"not a duration: {text!r} (expected e.g. 24h, 30m, 45s or 86400)")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -81,7 +117,14 @@ class IssuedCertificate:
 
 
 class Pki:
-    def __init__(self, client: hvac.Client, domain: str, *, root_mount: str = "pki", int_mount: str = "pki_int"):
+    def __init__(
+        self,
+        client: hvac.Client,
+        domain: str,
+        *,
+        root_mount: str = DEFAULT_ROOT_MOUNT,
+        int_mount: str = DEFAULT_INT_MOUNT,
+    ):
         self.client = client
         self.domain = domain
         self.root_mount = root_mount
@@ -89,10 +132,8 @@ class Pki:
 
     @classmethod
     def for_site(cls, site: Site, client: hvac.Client) -> Pki:
-        vault = site.services.vault
-        if isinstance(vault, ExternalVault):
-            return cls(client, site.site.domain, root_mount=vault.pki_mount, int_mount=vault.pki_int_mount)
-        return cls(client, site.site.domain)
+        root_mount, int_mount = mounts_for_site(site)
+        return cls(client, site.site.domain, root_mount=root_mount, int_mount=int_mount)
 
     # -- bootstrap (idempotent) ------------------------------------------------------------------------
 
@@ -147,29 +188,7 @@ class Pki:
         self.client.secrets.pki.set_signed_intermediate(signed, mount_point=self.int_mount)
 
     def _role_params(self, spec: RoleSpec, ou: str | None = None) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "ttl": spec.ttl,
-            "max_ttl": spec.max_ttl,
-            "server_flag": spec.server,
-            "client_flag": spec.client,
-            "key_type": "ec",
-            "key_bits": 256,
-            "allow_ip_sans": True,
-            "allow_localhost": True,
-            "require_cn": True,
-            "no_store": False,  # stored, so a certificate can be listed and revoked
-            "organization": [ORG_FOR_KIND[spec.kind]],
-        }
-        if spec.any_name:
-            params.update(allow_any_name=True, enforce_hostnames=False, allow_ip_sans=False, allow_localhost=False)
-        else:
-            params.update(allowed_domains=[self.domain], allow_subdomains=True, allow_bare_domains=True)
-        if spec.kind == "device":
-            # A signed CSR must not smuggle in a name of its own: only the policy-pinned common_name counts.
-            params.update(use_csr_common_name=False, use_csr_sans=False)
-        if ou:
-            params["ou"] = [ou]
-        return params
+        return role_params(spec, self.domain, ou)
 
     def _write_role_if_changed(self, name: str, params: dict[str, Any]) -> bool:
         try:
@@ -243,14 +262,47 @@ class Pki:
         """The intermediate and the root, PEM: what a peer needs to verify a site certificate."""
         chain = self.client.secrets.pki.read_ca_certificate_chain(mount_point=self.int_mount)
         root = self.client.secrets.pki.read_ca_certificate(mount_point=self.root_mount)
-        pems: list[str] = []
-        for pem in _split_pems(f"{chain}\n{root}"):
-            if pem not in pems:  # the intermediate's chain may already end with the root
-                pems.append(pem)
-        return "\n".join(pems) + "\n"
+        return chain_pem(str(chain), str(root))
 
     def crl_pem(self) -> str:
         return str(self.client.secrets.pki.read_crl(mount_point=self.int_mount))
+
+
+def role_params(spec: RoleSpec, domain: str, ou: str | None = None) -> dict[str, Any]:
+    """The Vault fields of the PKI role for `spec` (per department when `ou` is given), as written to
+    `<int mount>/roles/<name>`; the Pulumi stack declares the same (stacks/components/vault_pki.py)."""
+    params: dict[str, Any] = {
+        "ttl": spec.ttl,
+        "max_ttl": spec.max_ttl,
+        "server_flag": spec.server,
+        "client_flag": spec.client,
+        "key_type": "ec",
+        "key_bits": 256,
+        "allow_ip_sans": True,
+        "allow_localhost": True,
+        "require_cn": True,
+        "no_store": False,  # stored, so a certificate can be listed and revoked
+        "organization": [ORG_FOR_KIND[spec.kind]],
+    }
+    if spec.any_name:
+        params.update(allow_any_name=True, enforce_hostnames=False, allow_ip_sans=False, allow_localhost=False)
+    else:
+        params.update(allowed_domains=[domain], allow_subdomains=True, allow_bare_domains=True)
+    if spec.kind == "device":
+        # A signed CSR must not smuggle in a name of its own: only the policy-pinned common_name counts.
+        params.update(use_csr_common_name=False, use_csr_sans=False)
+    if ou:
+        params["ou"] = [ou]
+    return params
+
+
+def chain_pem(*texts: str) -> str:
+    """The certificates in `texts`, in order, each once: an intermediate's chain may already end with the root."""
+    pems: list[str] = []
+    for pem in _split_pems("\n".join(texts)):
+        if pem not in pems:
+            pems.append(pem)
+    return "\n".join(pems) + "\n"
 
 
 def _split_pems(text: str) -> list[str]:
@@ -262,6 +314,8 @@ def _same(current: Any, wanted: Any) -> bool:
     """Compare a role field as Vault returns it with the value we would write."""
     if isinstance(wanted, list):
         return sorted(map(str, current or [])) == sorted(map(str, wanted))
-    if isinstance(wanted, str) and wanted.endswith("h") and isinstance(current, int):
-        return current == int(wanted[:-1]) * 3600
+    if isinstance(wanted, str) and isinstance(current, int):  # Vault returns TTLs in seconds
+        seconds = _duration(wanted)
+        if seconds is not None:
+            return current == seconds
     return bool(current == wanted)

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
 
-from appliance.backends import Backends
-from appliance.cli.common import SiteOption, load
+from appliance.cli.common import SiteOption
 from appliance.cli.output import console, err_console, print_ok
-from appliance.errors import BadInput, CheckFailed, ServiceError
-from appliance.lab.state import LabState
-from appliance.site import NAME_PATTERN, Site
+from appliance.core.apply import Prepared, check_tags, prepare
+from appliance.errors import CheckFailed
 
 if TYPE_CHECKING:
     from appliance.core.runner import EventHandler, RunResult
@@ -80,122 +76,12 @@ TagsOption = typer.Option(
 )
 
 
-@dataclass(frozen=True)
-class Prepared:
-    site: Site
-    state: Path
-    inventory: Path
-    envvars: dict[str, str]
-    nodes: list[str]
-    plans: dict[str, Any]
-
-    @property
-    def private_data_dir(self) -> Path:
-        return self.state / "core" / "runner"
-
-    def run(
-        self, *, check: bool, limit: str | None, tags: list[str] | None, on_event: EventHandler | None
-    ) -> RunResult:
-        """The play on this inventory: `check` is `core plan` (check + diff), else `core apply`."""
-        from appliance.core.runner import run_playbook
-
-        return run_playbook(
-            self.site,
-            check=check,
-            diff=check,
-            limit=limit,
-            tags=tags,
-            on_event=on_event,
-            private_data_dir=self.private_data_dir,
-            envvars=self.envvars,
-            inventory=self.inventory,
-        )
+def _status(text: str) -> AbstractContextManager[Any]:
+    return console.status(text, spinner="dots")
 
 
 def _tags(tags: list[str] | None) -> list[str] | None:
-    from appliance.core.runner import roles_dir
-
-    wanted = [t.strip() for item in tags or [] for t in item.split(",") if t.strip()]
-    if not wanted:
-        return None
-    roles = sorted(p.name for p in roles_dir().iterdir() if p.is_dir() and (p / "tasks").is_dir())
-    unknown = [t for t in wanted if t not in roles and t != "always"]
-    if unknown:
-        raise BadInput(f"unknown role tag(s): {', '.join(unknown)}; the roles are {', '.join(roles)}")
-    return wanted
-
-
-def _limited(site: Site, limit: str | None) -> list[str]:
-    """The nodes a limit names, to issue Vault credentials for. A plain list of names is checked against the
-    site; any other host pattern is left to Ansible (every node gets credentials)."""
-    names = [n.name for n in site.core_nodes]
-    if not limit:
-        return names
-    parts = [p for p in re.split(r"[,:]", limit) if p]
-    if not all(re.fullmatch(NAME_PATTERN, p) for p in parts):
-        return names
-    parts = [p for p in parts if p not in ("all", "core_nodes")] or names
-    unknown = [p for p in parts if p not in names]
-    if unknown:
-        raise BadInput(f"--limit names unknown core node(s): {', '.join(unknown)}; the site has {', '.join(names)}")
-    return [n for n in names if n in parts]
-
-
-def _backends(site: Site, state: Path) -> Backends:
-    return Backends(site, LabState.at(state) if site.embedded["vault"] else None)
-
-
-def _existing_role_ids(backends: Backends, nodes: list[str]) -> dict[str, str | None]:
-    """For `plan`: the AppRole role ids Vault already has, changing nothing (no role, no secret id made)."""
-    import hvac.exceptions
-
-    from appliance.core.vault_access import APPROLE_MOUNT, approle_name
-
-    client = backends.vault()
-    out: dict[str, str | None] = {}
-    for node in nodes:
-        try:
-            answer = client.auth.approle.read_role_id(approle_name(node), mount_point=APPROLE_MOUNT)
-            out[node] = str(answer["data"]["role_id"])
-        except (hvac.exceptions.InvalidPath, hvac.exceptions.InvalidRequest):
-            out[node] = None  # not made yet: `apply` makes it
-        except hvac.exceptions.VaultError as exc:
-            raise ServiceError(f"Vault refused to read the AppRole of {node}: {exc}") from exc
-    return out
-
-
-def _read_vars(path: Path | None, site: Site) -> dict[str, dict[str, Any]]:
-    """--vars FILE as per-node variables; a bad file exits 2 naming it."""
-    if path is None:
-        return {}
-    from pydantic import RootModel
-
-    from runtime.common.yamldoc import load_model
-
-    # yamldoc names the file, the YAML path and the line of a bad entry (exit 2).
-    data = load_model(path, RootModel[dict[str, dict[str, Any]] | None]).root
-    names = {n.name for n in site.core_nodes}
-    if data is None:
-        return {}
-    unknown = sorted(set(data) - names - {"all"})
-    if unknown:
-        raise BadInput(f"{path}: unknown core node(s) {', '.join(unknown)}; the site has {', '.join(sorted(names))}")
-    shared = data.get("all", {})
-    return {name: {**shared, **data.get(name, {})} for name in names}
-
-
-def _verified_bundle(site: Site, bundle: Path) -> dict[str, str]:
-    """Verify the bundle against the site before anything else; its role variables (`membria_bundle`)."""
-    from appliance.bundle import keys
-    from appliance.bundle.verify import verify
-
-    key = keys.trusted_key(site, None)
-    with console.status(f"verifying the bundle {bundle}", spinner="dots"):
-        manifest = verify(bundle, key, site)
-    root = bundle.resolve()
-    digest = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()[:16]
-    print_ok(f"bundle {bundle} verified ({len(manifest.debs)} Debian packages, {len(manifest.wheels)} wheels)")
-    return {"id": digest, "apt_repo": str(root / "debs"), "wheelhouse": str(root / "wheels")}
+    return check_tags(tags)
 
 
 def _prepare(
@@ -207,31 +93,17 @@ def _prepare(
     vars_file: Path | None = None,
     bundle: Path | None = None,
 ) -> Prepared:
-    from appliance.core.inventory import build_inventory, core_state_dir, llm_plan, secret_id_env, write_inventory
-
-    site = load(site_file)
-    # The serving plan first: a model that cannot fit is refused (with its arithmetic) before anything else.
-    plans = {node.name: llm_plan(site, node) for node in site.core_nodes}
-    nodes = _limited(site, limit)
-    extra = _read_vars(vars_file, site)  # bad input is refused before Vault is asked anything
-    bundle_vars = _verified_bundle(site, bundle) if bundle is not None else None
-    state = core_state_dir(site, state_dir)
-    backends = _backends(site, state)
-    envvars: dict[str, str] = {}
-    role_ids: dict[str, str | None]
-    if mint_secrets:
-        from appliance.core.vault_access import node_credentials
-
-        role_ids = {}
-        with console.status("Vault: node identities", spinner="dots"):
-            for node in nodes:
-                role_ids[node], envvars[secret_id_env(node)] = node_credentials(site, node, backends)
-    else:
-        role_ids = _existing_role_ids(backends, nodes)
-    for node, role_id in role_ids.items():
-        extra.setdefault(node, {})["membria_vault_role_id"] = role_id
-    inventory = build_inventory(site, extra_hostvars=extra, state_dir=state, site_file=site_file, bundle=bundle_vars)
-    return Prepared(site, state, write_inventory(inventory, state), envvars, nodes, plans)
+    """`prepare` with the console's spinners and the bundle's verdict."""
+    return prepare(
+        site_file,
+        state_dir,
+        limit,
+        mint_secrets=mint_secrets,
+        vars_file=vars_file,
+        bundle=bundle,
+        status=_status,
+        on_bundle_verified=print_ok,
+    )
 
 
 def _show_plans(prepared: Prepared) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import hvac
 import hvac.exceptions
@@ -34,11 +35,15 @@ from appliance.edge.wipe import WIPE_LIST_PATH, CasConflict, write_list
 from appliance.errors import BadInput, ServiceError
 from appliance.lab.bootstrap import AUDIT_HMAC_PATH, SERVICE_TOKEN_KEY_PATH, ed25519_from_vault, public_pem
 from appliance.lab.state import LabState
-from appliance.pki import ROLES, Pki, RoleSpec
+from appliance.pki import ROLES, Pki, RoleSpec, ttl_seconds
 from appliance.site import CoreNode, EmbeddedS3, ExternalS3, Site
 
 SERVICE_TOKEN_PUBLIC_PATH = "membria/service-token-public"  # noqa: S105 - a Vault path, not a secret
 APPROLE_MOUNT = "approle"
+APPROLE_DESCRIPTION = "Membria core nodes' Vault agents"
+# Renewable, so the agent renews it up to token_max_ttl.
+NODE_TOKEN_TYPE = "service"  # noqa: S105 - a token kind, not a secret
+APPROLE_TTL_FIELDS = ("token_ttl", "token_max_ttl", "secret_id_ttl")
 
 # Server certificates of the node's other services (the PKI module's table lists gateway and core).
 NODE_PKI_ROLES: tuple[RoleSpec, ...] = (
@@ -55,6 +60,16 @@ class AppRoleLimits:
     secret_id_ttl: str = "1h"  # noqa: S105
     # The agent logs in with the secret id at its start and after each restart within the secret id's hour.
     secret_id_num_uses: int = 3
+
+
+class PkiMountNames(Protocol):
+    """Where the PKI lives: a `Pki`, or `appliance.pki.PkiMounts` where there is no Vault client (the stacks)."""
+
+    @property
+    def root_mount(self) -> str: ...
+
+    @property
+    def int_mount(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,28 @@ def policy_name(node: str) -> str:
 
 def approle_name(node: str) -> str:
     return f"core-{node}"
+
+
+def approle_settings(node: str, limits: AppRoleLimits | None = None) -> dict[str, Any]:
+    """The AppRole `core-<node>`'s fields as written to `auth/approle/role/<name>` (TTLs as Vault durations)."""
+    limits = limits or AppRoleLimits()
+    return {
+        "token_policies": [policy_name(node)],
+        "token_no_default_policy": True,
+        "token_type": NODE_TOKEN_TYPE,
+        "token_ttl": limits.token_ttl,
+        "token_max_ttl": limits.token_max_ttl,
+        "secret_id_ttl": limits.secret_id_ttl,
+        "secret_id_num_uses": limits.secret_id_num_uses,
+    }
+
+
+def approle_settings_seconds(node: str, limits: AppRoleLimits | None = None) -> dict[str, Any]:
+    """`approle_settings` with its TTLs in seconds, as Vault reads them back (and pulumi-vault declares them)."""
+    settings = approle_settings(node, limits)
+    for key in APPROLE_TTL_FIELDS:
+        settings[key] = ttl_seconds(settings[key])
+    return settings
 
 
 def node_certificates(site: Site, node: CoreNode) -> list[NodeCertificate]:
@@ -120,7 +157,7 @@ def node_secret_paths(site: Site) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def node_policy(site: Site, node: CoreNode, *, kv_mount: str, pki: Pki) -> str:
+def node_policy(site: Site, node: CoreNode, *, kv_mount: str, pki: PkiMountNames) -> str:
     """The HCL of `membria-core-<node>`. Paths not named here are denied (Vault's default)."""
     lines = [f"# {policy_name(node.name)}: what the Vault agent on {node.name} may do; everything else is denied."]
     for cert in node_certificates(site, node):
@@ -180,15 +217,7 @@ def node_credentials(
             client, policy_name(node.name), node_policy(site, node, kv_mount=backends.kv_mount, pki=pki)
         )
         client.auth.approle.create_or_update_approle(
-            role,
-            token_policies=[policy_name(node.name)],
-            token_no_default_policy=True,
-            token_type="service",  # noqa: S106 - renewable, so the agent renews it up to token_max_ttl
-            token_ttl=limits.token_ttl,
-            token_max_ttl=limits.token_max_ttl,
-            secret_id_ttl=limits.secret_id_ttl,
-            secret_id_num_uses=limits.secret_id_num_uses,
-            mount_point=APPROLE_MOUNT,
+            role, **approle_settings(node.name, limits), mount_point=APPROLE_MOUNT
         )
         role_id = str(client.auth.approle.read_role_id(role, mount_point=APPROLE_MOUNT)["data"]["role_id"])
         secret_id = str(
@@ -260,7 +289,7 @@ def ensure_wipe_list(backends: Backends) -> bool:
 
 def _ensure_approle_mount(client: hvac.Client) -> None:
     if f"{APPROLE_MOUNT}/" not in client.sys.list_auth_methods()["data"]:
-        client.sys.enable_auth_method("approle", path=APPROLE_MOUNT, description="Membria core nodes' Vault agents")
+        client.sys.enable_auth_method("approle", path=APPROLE_MOUNT, description=APPROLE_DESCRIPTION)
 
 
 def _write_policy_if_changed(client: hvac.Client, name: str, text: str) -> None:

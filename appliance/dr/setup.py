@@ -15,13 +15,23 @@ from typing import Any
 
 import botocore.exceptions
 
-from appliance.backends import Backends, S3Target
+from appliance.backends import Backends, S3Spec, S3Target
 from appliance.dr.crypto import DataKey
 from appliance.dr.objects import s3_errors
-from appliance.errors import CheckFailed, ServiceError
+from appliance.errors import BadInput, CheckFailed, ServiceError
 from appliance.site import Dr
 
 LIFECYCLE_RULE_ID = "membria-dr-noncurrent-versions"
+REPLICATION_RULE_ID = "membria-dr-replica"
+VERSIONING: dict[str, str] = {"Status": "Enabled"}  # put_bucket_versioning's VersioningConfiguration
+# put_public_access_block's PublicAccessBlockConfiguration: a DR bucket is never public. `dr init` leaves it to
+# the endpoint's default (MinIO may not implement it); the DR stack declares it.
+PUBLIC_ACCESS_BLOCK: dict[str, bool] = {
+    "BlockPublicAcls": True,
+    "IgnorePublicAcls": True,
+    "BlockPublicPolicy": True,
+    "RestrictPublicBuckets": True,
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,66 @@ class Step:
     target: str  # "vault", "primary", "replica"
     what: str
     needed: bool  # False: already as wanted
+
+
+# What `dr init` puts on each bucket, as the S3 API's own shapes. Pure, so the DR stack (stacks/dr) declares
+# exactly the same settings without an S3 client.
+
+
+def wanted_lock(dr: Dr) -> dict[str, Any]:
+    """The bucket's default retention (`put_object_lock_configuration`'s ObjectLockConfiguration)."""
+    return {
+        "ObjectLockEnabled": "Enabled",
+        "Rule": {"DefaultRetention": {"Mode": dr.object_lock.mode.upper(), "Days": dr.object_lock.days}},
+    }
+
+
+def wanted_lifecycle(dr: Dr) -> dict[str, Any]:
+    """The one lifecycle rule (an element of `put_bucket_lifecycle_configuration`'s Rules)."""
+    return {
+        "ID": LIFECYCLE_RULE_ID,
+        "Status": "Enabled",
+        "Filter": {"Prefix": f"{dr.prefix}/"},
+        "NoncurrentVersionExpiration": {"NoncurrentDays": dr.noncurrent_version_days},
+    }
+
+
+def wanted_sse(dr: Dr) -> dict[str, Any] | None:
+    """Default bucket encryption (`put_bucket_encryption`'s ServerSideEncryptionConfiguration), None when
+    the site turned SSE off."""
+    if dr.sse == "off":
+        return None
+    return {"Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]}
+
+
+def wanted_replication(dr: Dr, *, role_arn: str, destination_arn: str) -> dict[str, Any]:
+    """S3-native replication of the DR prefix to the replica bucket (`put_bucket_replication`'s
+    ReplicationConfiguration). Deletes are not replicated: the replica is the copy that survives them."""
+    return {
+        "Role": role_arn,
+        "Rules": [
+            {
+                "ID": REPLICATION_RULE_ID,
+                "Priority": 1,
+                "Status": "Enabled",
+                "Filter": {"Prefix": f"{dr.prefix}/"},
+                "Destination": {"Bucket": destination_arn},
+                "DeleteMarkerReplication": {"Status": "Disabled"},
+            }
+        ],
+    }
+
+
+def check_s3_replication(primary: S3Spec, replica: S3Spec | None) -> None:
+    """S3 replicates only between buckets of one service: refuse `s3` mode otherwise (the appliance's own
+    replica write, `app` mode, works across services)."""
+    if replica is None:
+        raise BadInput("S3 replication needs a replica target, and the site has none")
+    if primary.endpoint != replica.endpoint:
+        raise BadInput(
+            f"S3 replication cannot copy from {primary.endpoint} to {replica.endpoint}: they are different S3 services",
+            hint="use replication mode `app` (the appliance writes both targets), or put both buckets on one endpoint",
+        )
 
 
 def _code(exc: botocore.exceptions.ClientError) -> str:
@@ -83,14 +153,6 @@ class DrSetup:
             raise
         return config.get("ObjectLockConfiguration")
 
-    def _wanted_lock(self) -> dict[str, Any]:
-        return {
-            "ObjectLockEnabled": "Enabled",
-            "Rule": {
-                "DefaultRetention": {"Mode": self.policy.object_lock.mode.upper(), "Days": self.policy.object_lock.days}
-            },
-        }
-
     def _lock_matches(self, lock: dict[str, Any]) -> bool:
         """Compare what matters: some endpoints add `Years: 0` next to `Days`."""
         retention = lock.get("Rule", {}).get("DefaultRetention", {})
@@ -101,14 +163,6 @@ class DrSetup:
             and not retention.get("Years")
         )
 
-    def _wanted_lifecycle(self) -> dict[str, Any]:
-        return {
-            "ID": LIFECYCLE_RULE_ID,
-            "Status": "Enabled",
-            "Filter": {"Prefix": f"{self.policy.prefix}/"},
-            "NoncurrentVersionExpiration": {"NoncurrentDays": self.policy.noncurrent_version_days},
-        }
-
     def _lifecycle_ok(self, target: S3Target) -> bool:
         try:
             with s3_errors(target, f"reading the lifecycle of {target.bucket}"):
@@ -118,7 +172,7 @@ class DrSetup:
             if isinstance(cause, botocore.exceptions.ClientError) and _code(cause) == "NoSuchLifecycleConfiguration":
                 return False
             raise
-        wanted = self._wanted_lifecycle()
+        wanted = wanted_lifecycle(self.policy)
         for rule in rules:
             if rule.get("ID") == LIFECYCLE_RULE_ID:
                 days = rule.get("NoncurrentVersionExpiration", {}).get("NoncurrentDays")
@@ -191,7 +245,7 @@ class DrSetup:
                     client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
                 done.append(Step(name, f"create bucket {bucket} with object lock and versioning", True))
             with s3_errors(target, f"configuring bucket {bucket}"):
-                client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+                client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration=dict(VERSIONING))
                 lock = self._lock_config(target)
                 if lock is None or lock.get("ObjectLockEnabled") != "Enabled":
                     raise CheckFailed(
@@ -199,19 +253,19 @@ class DrSetup:
                         hint="object lock can only be enabled when a bucket is created: name a new bucket",
                     )
                 if not self._lock_matches(lock):
-                    client.put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration=self._wanted_lock())
+                    client.put_object_lock_configuration(
+                        Bucket=bucket, ObjectLockConfiguration=wanted_lock(self.policy)
+                    )
                     done.append(Step(name, "default retention " + self._describe_lock(), True))
                 if self._sse_ok(target) is False:
                     client.put_bucket_encryption(
                         Bucket=bucket,
-                        ServerSideEncryptionConfiguration={
-                            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
-                        },
+                        ServerSideEncryptionConfiguration=wanted_sse(self.policy),
                     )
                     done.append(Step(name, "default encryption AES256", True))
                 if not self._lifecycle_ok(target):
                     client.put_bucket_lifecycle_configuration(
-                        Bucket=bucket, LifecycleConfiguration={"Rules": [self._wanted_lifecycle()]}
+                        Bucket=bucket, LifecycleConfiguration={"Rules": [wanted_lifecycle(self.policy)]}
                     )
                     done.append(
                         Step(

@@ -137,7 +137,7 @@ class MembriaMocks(pulumi.runtime.Mocks):
     def call(self, args: MockCallArgs) -> dict[str, Any]:
         self.calls.append(args)
         if args.token == "vault:kv/getSecretV2:getSecretV2":
-            data = {"access_key_id": CANARY_ACCESS_KEY, "secret_access_key": CANARY_SECRET_KEY}
+            data = {"access_key": CANARY_ACCESS_KEY, "secret_key": CANARY_SECRET_KEY}
             return {**args.args, "data": data, "data_json": json.dumps(data)}
         return dict(args.args)
 

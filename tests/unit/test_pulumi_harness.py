@@ -19,7 +19,7 @@ def _program(*, wrap: bool) -> dict[str, pulumi.Output[str]]:
         mount="membria", name="dr/s3", opts=pulumi.InvokeOutputOptions(provider=provider)
     )
     mount = vault.Mount("pki", path="pki", type="pki", opts=pulumi.ResourceOptions(provider=provider, protect=True))
-    key = secret.data.apply(lambda d: d["secret_access_key"])
+    key = secret.data.apply(lambda d: d["secret_key"])
     return {"mount": mount.path, "key": pulumi.Output.secret(key) if wrap else key}
 
 

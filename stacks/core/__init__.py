@@ -1,0 +1,1 @@
+"""The core stack: the site's PKI and node identities in Vault, then every core node provisioned, one by one."""

@@ -1,0 +1,3 @@
+from stacks.core.program import main
+
+main()

@@ -1,0 +1,3 @@
+from stacks.dr.program import main
+
+main()

@@ -1,0 +1,3 @@
+from stacks.edge_fleet.program import main
+
+main()
