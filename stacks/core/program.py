@@ -15,6 +15,7 @@ from appliance.site import Site
 from stacks.components.config import StackSettings
 from stacks.components.core_node import CoreNode, CoreNodeArgs
 from stacks.components.vault_pki import VaultPki
+from stacks.components.vault_provider import vault_provider
 
 
 def build(
@@ -24,8 +25,10 @@ def build(
     vars_file: Path | None = None,
     bundle: Path | None = None,
     tags: list[str] | None = None,
+    vault_secret_id: pulumi.Input[str] | None = None,
 ) -> dict[str, pulumi.Output[Any]]:
-    pki = VaultPki("pki", site)
+    provider = vault_provider(settings, site, secret_id=vault_secret_id)
+    pki = VaultPki("pki", site, pulumi.ResourceOptions(provider=provider))
     roles = check_tags(tags)  # an unknown role fails the preview, not the provider later
     # The site's relative paths resolve against the checkout, as `core apply` run from there resolves them.
     with contextlib.chdir(settings.workdir):
@@ -83,6 +86,7 @@ def main() -> None:
         vars_file=(settings.workdir / vars_file).resolve() if vars_file else None,
         bundle=(settings.workdir / bundle).resolve() if bundle else None,
         tags=_tags(config),
+        vault_secret_id=config.get_secret("vaultSecretId"),
     )
     for key, value in exports.items():
         pulumi.export(key, value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -33,6 +34,19 @@ SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 CANARY_ACCESS_KEY = "AKIACANARY0ACCESS0KEY"
 CANARY_SECRET_KEY = "canary-secret-key-0f7c2b9e4d1a"
 CANARY_VAULT_TOKEN = "hvs.canary-vault-token-5e3d"
+CANARY_SECRET_ID = "canary-approle-secret-id-9a7e"
+CANARIES = [CANARY_ACCESS_KEY, CANARY_SECRET_KEY, CANARY_VAULT_TOKEN, CANARY_SECRET_ID]
+APPROLE_SECRET_ENV = "MEMBRIA_VAULT_SECRET_ID"  # examples/rack.yaml's secret_id_env
+
+
+def lab_state_with_openbao(root: Path) -> Path:
+    """A lab state directory holding what `appliance lab up` leaves for the stacks' Vault provider: OpenBao's
+    root token (a canary) and its CA."""
+    secrets = root / "secrets"
+    (secrets / "openbao-tls").mkdir(parents=True, exist_ok=True)
+    (secrets / "openbao-root-token").write_text(CANARY_VAULT_TOKEN + "\n")
+    (secrets / "openbao-tls" / "vault-ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    return root
 
 
 @dataclass

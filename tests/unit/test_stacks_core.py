@@ -17,7 +17,15 @@ from appliance.iac.content_hash import core_node_hash
 from appliance.site import load_site
 from stacks.components.config import StackSettings
 from stacks.core import program
-from tests.unit.pulumi_harness import SECRET_SIG, SECRET_SIG_KEY, MembriaMocks, run_program
+from tests.unit.pulumi_harness import (
+    APPROLE_SECRET_ENV,
+    CANARY_SECRET_ID,
+    SECRET_SIG,
+    SECRET_SIG_KEY,
+    MembriaMocks,
+    lab_state_with_openbao,
+    run_program,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -59,13 +67,20 @@ def yaml_dump(yaml: YAML, value: Any) -> str:
     return out.getvalue()
 
 
-def _settings(site_file: Path) -> StackSettings:
-    return StackSettings(site_file=site_file, workdir=REPO, state_dir=None)
+@pytest.fixture(autouse=True)
+def lab_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The Vault provider's credentials: the lab's OpenBao token file, rack.yaml's AppRole secret id."""
+    monkeypatch.setenv(APPROLE_SECRET_ENV, CANARY_SECRET_ID)
+    return lab_state_with_openbao(tmp_path / "lab-state")
+
+
+def _settings(site_file: Path, state_dir: Path) -> StackSettings:
+    return StackSettings(site_file=site_file, workdir=REPO, state_dir=state_dir)
 
 
 @pytest.mark.parametrize("preview", [False, True])
-def test_a_core_node_per_node_rolled_after_the_pki(three_nodes: Path, preview: bool) -> None:
-    settings = _settings(three_nodes)
+def test_a_core_node_per_node_rolled_after_the_pki(three_nodes: Path, lab_state: Path, preview: bool) -> None:
+    settings = _settings(three_nodes, lab_state)
     site = settings.load_site()
     exports, monitor = run_program(lambda: program.build(settings, site), mocks=_mocks(), preview=preview)
     pki = monitor.one(VAULT_PKI, "pki")
@@ -82,10 +97,10 @@ def test_a_core_node_per_node_rolled_after_the_pki(three_nodes: Path, preview: b
     assert exports["nodes"].value["core-2"] == {"recap": _recap("core-2", {})["recap"], "changes": 3}
 
 
-def test_inputs_are_absolute_and_the_hash_is_the_one_the_provider_checks(tmp_path: Path) -> None:
+def test_inputs_are_absolute_and_the_hash_is_the_one_the_provider_checks(tmp_path: Path, lab_state: Path) -> None:
     vars_file = tmp_path / "vars.yaml"
     vars_file.write_text("core-1: {base_ntp_servers: [ntp.example]}\n")
-    settings = _settings(REPO / "examples" / "lab.yaml")
+    settings = _settings(REPO / "examples" / "lab.yaml", lab_state)
     site = settings.load_site()
     _, monitor = run_program(
         lambda: program.build(settings, site, vars_file=vars_file, tags=["base,monitoring"]), mocks=_mocks()
@@ -104,25 +119,26 @@ def test_inputs_are_absolute_and_the_hash_is_the_one_the_provider_checks(tmp_pat
         "site_file": str(REPO / "examples" / "lab.yaml"),
         "workdir": str(REPO),
         "node": "core-1",
-        "state_dir": str(REPO / ".lab"),  # the lab's state dir, resolved against the checkout as `core apply` does
+        "state_dir": str(lab_state),
         "content_hash": expected,
         "vars_file": str(vars_file),
         "tags": ["base", "monitoring"],
     }
 
 
-def test_an_unknown_tag_fails_the_program() -> None:
-    settings = _settings(REPO / "examples" / "lab.yaml")
+def test_an_unknown_tag_fails_the_program(lab_state: Path) -> None:
+    settings = _settings(REPO / "examples" / "lab.yaml", lab_state)
     site = settings.load_site()
     with pytest.raises(BadInput, match="nosuchrole"):
         program.build(settings, site, tags=["nosuchrole"])
 
 
-def test_main_reads_the_stack_config(tmp_path: Path) -> None:
+def test_main_reads_the_stack_config(tmp_path: Path, lab_state: Path) -> None:
     (tmp_path / "vars.yaml").write_text("all: {}\n")
     config = {
         "membria:siteFile": "examples/lab.yaml",
         "membria:workdir": str(REPO),
+        "membria:stateDir": str(lab_state),
         "membria:varsFile": str(tmp_path / "vars.yaml"),
         "membria:tags": '["base", "gateway"]',
     }
