@@ -14,6 +14,7 @@ values the programs read (`arn` for S3 buckets, canned outputs for the dynamic p
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -171,6 +172,16 @@ async def _resolve(exports: Mapping[str, Any]) -> dict[str, Export]:
     return resolved
 
 
+_LOOP: list[asyncio.AbstractEventLoop] = []
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """One loop for every program this process runs (a loop per run would hold its file descriptors)."""
+    if not _LOOP or _LOOP[0].is_closed():
+        _LOOP[:] = [asyncio.new_event_loop()]
+    return _LOOP[0]
+
+
 def run_program(
     build: Callable[[], Mapping[str, Any]],
     *,
@@ -180,6 +191,8 @@ def run_program(
     preview: bool = False,
 ) -> tuple[dict[str, Export], RecordingMonitor]:
     """Run `build()` under the mocks; its returned mapping is treated as the stack's exports."""
+    # The Pulumi runtime creates futures on the current event loop; an earlier test's `asyncio.run` leaves none.
+    asyncio.set_event_loop(_event_loop())
     monitor = RecordingMonitor(mocks or MembriaMocks())
     pulumi.runtime.set_mocks(monitor.mocks, project=project, stack=stack, preview=preview, monitor=monitor)
     SETTINGS.rpc_manager.clear()

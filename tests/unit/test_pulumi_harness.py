@@ -3,10 +3,14 @@ written in plain text and accepts one kept as a Pulumi secret."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pulumi
 import pulumi_vault as vault
 import pytest
 
+from tests.conftest import REPO
 from tests.unit.pulumi_harness import CANARY_SECRET_KEY, CANARY_VAULT_TOKEN, leaks, recorded, run_program
 
 pytestmark = pytest.mark.unit
@@ -41,3 +45,18 @@ def test_a_plain_secret_is_found() -> None:
         f"inputs {monitor.one('pulumi:providers:vault').urn}:token"
     ]
     assert not exports["key"].secret and exports["key"].value == CANARY_SECRET_KEY
+
+
+def test_a_program_runs_after_asyncio_run_left_no_current_loop() -> None:
+    """In the whole suite an earlier test's `asyncio.run` leaves the main thread without a current loop, before
+    the first program creates Pulumi's root stack (a fresh process, so that first time is this one)."""
+    script = (
+        "import asyncio\n"
+        "asyncio.run(asyncio.sleep(0))\n"
+        "from tests.unit.test_pulumi_harness import _program\n"
+        "from tests.unit.pulumi_harness import run_program\n"
+        "exports, _ = run_program(lambda: _program(wrap=True))\n"
+        "print(exports['mount'].value)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "pki", done.stderr[-2000:]
