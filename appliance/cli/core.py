@@ -80,10 +80,6 @@ def _status(text: str) -> AbstractContextManager[Any]:
     return console.status(text, spinner="dots")
 
 
-def _tags(tags: list[str] | None) -> list[str] | None:
-    return check_tags(tags)
-
-
 def _prepare(
     site_file: Path,
     state_dir: Path | None,
@@ -150,7 +146,7 @@ def plan(
     from appliance.core.summary import plan_summary, render_plan
     from appliance.core.view import RunView, print_problems
 
-    roles = _tags(tags)
+    roles = check_tags(tags)
     prepared = _prepare(site_file, state_dir, limit, mint_secrets=False, vars_file=vars_file, bundle=bundle)
 
     def run(on_event: EventHandler | None) -> RunResult:
@@ -203,7 +199,7 @@ def apply(
     """
     from appliance.core.view import RunView, print_problems, recap_table
 
-    roles = _tags(tags)
+    roles = check_tags(tags)
     prepared = _prepare(site_file, state_dir, limit, mint_secrets=True, vars_file=vars_file, bundle=bundle)
     _show_plans(prepared)
     with RunView(prepared.nodes, console, f"core apply — site {prepared.site.site.name}") as view:

@@ -17,11 +17,8 @@ DEFAULT_EXCLUDE = ("__pycache__", "*.pyc", "*.retry")
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def tree_digest(root: Path, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> str:
